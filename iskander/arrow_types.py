@@ -1,0 +1,125 @@
+"""Arrow type names used in manifests, and the Arrow <-> ONNX element type tables.
+
+Manifest type strings: primitive names (``float32``, ``int64``, ``utf8``, ...) and
+``fixed_size_list<T>[k]`` (nestable, e.g. ``fixed_size_list<fixed_size_list<float32>[3]>[16]``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+
+PRIMITIVE_TYPES: dict[str, pa.DataType] = {
+    "bool": pa.bool_(),
+    "int8": pa.int8(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "uint8": pa.uint8(),
+    "uint16": pa.uint16(),
+    "uint32": pa.uint32(),
+    "uint64": pa.uint64(),
+    "float16": pa.float16(),
+    "halffloat": pa.float16(),
+    "float32": pa.float32(),
+    "float": pa.float32(),
+    "float64": pa.float64(),
+    "double": pa.float64(),
+    "utf8": pa.utf8(),
+    "string": pa.utf8(),
+    "large_utf8": pa.large_utf8(),
+    "large_string": pa.large_utf8(),
+    "binary": pa.binary(),
+    "large_binary": pa.large_binary(),
+    "date32": pa.date32(),
+    "date64": pa.date64(),
+    "timestamp[s]": pa.timestamp("s"),
+    "timestamp[ms]": pa.timestamp("ms"),
+    "timestamp[us]": pa.timestamp("us"),
+    "timestamp[ns]": pa.timestamp("ns"),
+    "null": pa.null(),
+}
+
+# ONNX Runtime's NodeArg.type strings -> the Arrow element type that carries them.
+ONNX_TO_ARROW: dict[str, pa.DataType] = {
+    "tensor(float)": pa.float32(),
+    "tensor(double)": pa.float64(),
+    "tensor(float16)": pa.float16(),
+    "tensor(int8)": pa.int8(),
+    "tensor(int16)": pa.int16(),
+    "tensor(int32)": pa.int32(),
+    "tensor(int64)": pa.int64(),
+    "tensor(uint8)": pa.uint8(),
+    "tensor(uint16)": pa.uint16(),
+    "tensor(uint32)": pa.uint32(),
+    "tensor(uint64)": pa.uint64(),
+    "tensor(bool)": pa.bool_(),
+    "tensor(string)": pa.utf8(),
+}
+
+STRING_TYPES = (pa.utf8(), pa.large_utf8(), pa.binary(), pa.large_binary())
+
+_FSL = re.compile(r"^fixed_size_list\s*<(?P<inner>.+)>\s*\[\s*(?P<size>\d+)\s*\]$")
+
+
+def parse_type(text: str) -> pa.DataType:
+    """Parse a manifest type string; raises ValueError with the accepted forms."""
+    s = text.strip()
+    if s.lower() in PRIMITIVE_TYPES:
+        return PRIMITIVE_TYPES[s.lower()]
+    m = _FSL.match(s)
+    if m:
+        size = int(m.group("size"))
+        if size < 1:
+            raise ValueError(f"fixed_size_list size must be >= 1 in {text!r}")
+        return pa.list_(parse_type(m.group("inner")), size)
+    raise ValueError(
+        f"unknown Arrow type {text!r}; use a primitive ({', '.join(sorted(set(PRIMITIVE_TYPES)))}) "
+        "or fixed_size_list<T>[k]"
+    )
+
+
+def type_name(t: pa.DataType) -> str:
+    """The manifest spelling of an Arrow type (inverse of parse_type where possible)."""
+    if pa.types.is_fixed_size_list(t):
+        return f"fixed_size_list<{type_name(t.value_type)}>[{t.list_size}]"
+    if pa.types.is_list(t):
+        return f"list<{type_name(t.value_type)}>"
+    names = {
+        pa.float32(): "float32", pa.float64(): "float64", pa.float16(): "float16",
+        pa.utf8(): "utf8", pa.large_utf8(): "large_utf8", pa.bool_(): "bool",
+    }
+    return names.get(t, str(t))
+
+
+def element_type(t: pa.DataType) -> pa.DataType:
+    """Innermost value type of a (nested) fixed-size/variable list type."""
+    while pa.types.is_fixed_size_list(t) or pa.types.is_list(t):
+        t = t.value_type
+    return t
+
+
+def row_shape(t: pa.DataType) -> tuple[int, ...]:
+    """Per-row tensor shape of a column type: () for primitives, (a, b) for fsl<fsl<T>[b]>[a]."""
+    dims = []
+    while pa.types.is_fixed_size_list(t):
+        dims.append(t.list_size)
+        t = t.value_type
+    return tuple(dims)
+
+
+def nest_type(elem: pa.DataType, dims: tuple[int, ...]) -> pa.DataType:
+    """fixed_size_list nesting for a per-row shape (inverse of row_shape)."""
+    t = elem
+    for d in reversed(dims):
+        t = pa.list_(t, d)
+    return t
+
+
+def numpy_dtype(elem: pa.DataType) -> np.dtype:
+    """numpy dtype ONNX Runtime expects for an Arrow element type (object for strings)."""
+    if elem in STRING_TYPES:
+        return np.dtype(object)
+    return np.dtype(elem.to_pandas_dtype())

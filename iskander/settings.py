@@ -1,0 +1,271 @@
+"""Typed, immutable settings and the TOML config loader.
+
+The Rust project's ``[[models]]`` keys are accepted unchanged. Every mistake is reported with the
+config file, the model and the key, because a server that starts with a silently ignored typo is
+worse than one that refuses to start.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_FLIGHT_PORT = 50051  # as the Rust project
+DEFAULT_GRPC_PORT = 8001  # Triton's gRPC port
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MANIFEST_SUFFIX = ".manifest.toml"
+
+# Rust/ort names and ONNX Runtime's own names for the same four levels.
+OPTIMIZATION_LEVELS = {
+    "disable": "disable",
+    "level1": "basic",
+    "basic": "basic",
+    "level2": "extended",
+    "extended": "extended",
+    "level3": "all",
+    "all": "all",
+}
+
+EXECUTION_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dnnl": "DnnlExecutionProvider",
+}
+
+
+@attrs.frozen
+class ModelSettings:
+    name: str
+    path: Path
+    backend: str = "onnx"
+    version: int = 1
+    manifest: Path | None = None
+    execution_providers: tuple[str, ...] = ("cpu",)
+    intra_threads: int = 1
+    inter_threads: int = 1
+    optimization_level: str = "all"
+    parallel_execution: bool = False
+    memory_pattern: bool = True
+    instances: int = 1
+
+    @property
+    def manifest_path(self) -> Path:
+        """The manifest given in config, else ``<model stem>.manifest.toml`` next to the model."""
+        if self.manifest is not None:
+            return self.manifest
+        return self.path.with_name(self.path.stem + MANIFEST_SUFFIX)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@attrs.frozen
+class ServerSettings:
+    host: str = DEFAULT_HOST
+    flight_port: int = DEFAULT_FLIGHT_PORT
+    grpc_port: int = DEFAULT_GRPC_PORT
+    grpc_workers: int = 16
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    grace_seconds: float = 5.0
+
+
+@attrs.frozen
+class Settings:
+    server: ServerSettings
+    models: tuple[ModelSettings, ...]
+    source: Path | None = None  # the config file, for messages
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+_MODEL_KEYS = {
+    "name", "backend", "path", "version", "manifest", "execution_providers", "intra_threads",
+    "inter_threads", "optimization_level", "parallel_execution", "memory_pattern", "instances",
+}
+_SERVER_KEYS = {"host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds"}
+
+
+class _Where:
+    """Builds 'file, model, key' prefixes for config errors."""
+
+    def __init__(self, source: Path | str, model: str | None = None) -> None:
+        self.source = str(source)
+        self.model = model
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        parts = [f"config {self.source}"]
+        if self.model is not None:
+            parts.append(f"model '{self.model}'")
+        if key is not None:
+            parts.append(f"key '{key}'")
+        return ConfigError(", ".join(parts) + ": " + message)
+
+
+def _typed(where: _Where, table: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    # bool is an int subclass in Python; a TOML `true` is never a valid thread count.
+    if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
+        raise where.error(key, f"expected {_kind_name(kind)}, got boolean {value!r}")
+    if not isinstance(value, kind):
+        raise where.error(key, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "a boolean", float: "a number", list: "a list"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+def _nonneg(where: _Where, key: str, value: int) -> int:
+    if value < 0:
+        raise where.error(key, f"must be >= 0, got {value}")
+    return value
+
+
+def _parse_model(table: Any, index: int, base: Path, source: Path | str) -> ModelSettings:
+    where = _Where(source, f"#{index + 1}")
+    if not isinstance(table, dict):
+        raise where.error(None, "each [[models]] entry must be a table")
+    name = _typed(where, table, "name", str, None)
+    if not name:
+        raise where.error("name", "is required and must be a non-empty string")
+    if "/" in name or name.strip() != name:
+        raise where.error("name", f"must not contain '/' or surrounding spaces, got {name!r}")
+    where = _Where(source, name)
+    unknown = sorted(set(table) - _MODEL_KEYS)
+    if unknown:
+        raise where.error(unknown[0], f"unknown key (known keys: {', '.join(sorted(_MODEL_KEYS))})")
+
+    backend = _typed(where, table, "backend", str, "onnx")
+    if backend != "onnx":
+        raise where.error("backend", f"unsupported backend {backend!r}; supported: 'onnx'")
+    raw_path = _typed(where, table, "path", str, None)
+    if not raw_path:
+        raise where.error("path", "is required (path to the .onnx file)")
+    path = (base / raw_path).resolve()
+    raw_manifest = _typed(where, table, "manifest", str, None)
+    manifest = (base / raw_manifest).resolve() if raw_manifest else None
+
+    version = _typed(where, table, "version", (int, str), 1)
+    try:
+        version = int(version)
+    except ValueError:
+        raise where.error("version", f"must be a positive integer, got {version!r}") from None
+    if version < 1:
+        raise where.error("version", f"must be a positive integer, got {version}")
+
+    eps = _typed(where, table, "execution_providers", list, ["cpu"])
+    providers = []
+    for ep in eps:
+        if not isinstance(ep, str) or ep.lower() not in EXECUTION_PROVIDERS:
+            raise where.error(
+                "execution_providers",
+                f"unknown provider {ep!r}; known: {', '.join(EXECUTION_PROVIDERS)}",
+            )
+        providers.append(ep.lower())
+    if not providers:
+        raise where.error("execution_providers", "must name at least one provider")
+
+    level = _typed(where, table, "optimization_level", str, "level3")
+    if level.lower() not in OPTIMIZATION_LEVELS:
+        raise where.error(
+            "optimization_level", f"unknown level {level!r}; known: {', '.join(OPTIMIZATION_LEVELS)}"
+        )
+    instances = _typed(where, table, "instances", int, 1)
+    if instances < 1:
+        raise where.error("instances", f"must be >= 1, got {instances}")
+
+    return ModelSettings(
+        name=name,
+        path=path,
+        backend=backend,
+        version=version,
+        manifest=manifest,
+        execution_providers=tuple(providers),
+        intra_threads=_nonneg(where, "intra_threads", _typed(where, table, "intra_threads", int, 1)),
+        inter_threads=_nonneg(where, "inter_threads", _typed(where, table, "inter_threads", int, 1)),
+        optimization_level=OPTIMIZATION_LEVELS[level.lower()],
+        parallel_execution=_typed(where, table, "parallel_execution", bool, False),
+        memory_pattern=_typed(where, table, "memory_pattern", bool, True),
+        instances=instances,
+    )
+
+
+def _parse_server(table: Any, source: Path | str) -> ServerSettings:
+    where = _Where(source)
+    if not isinstance(table, dict):
+        raise where.error("server", "must be a table")
+    unknown = sorted(set(table) - _SERVER_KEYS)
+    if unknown:
+        raise where.error(f"server.{unknown[0]}", f"unknown key (known keys: {', '.join(sorted(_SERVER_KEYS))})")
+    d = ServerSettings()
+    ports = {}
+    for key in ("flight_port", "grpc_port"):
+        port = _typed(where, table, key, int, getattr(d, key))
+        if not 0 <= port <= 65535:
+            raise where.error(f"server.{key}", f"must be a port number 0..65535, got {port}")
+        ports[key] = port
+    workers = _typed(where, table, "grpc_workers", int, d.grpc_workers)
+    if workers < 1:
+        raise where.error("server.grpc_workers", f"must be >= 1, got {workers}")
+    max_bytes = _typed(where, table, "max_message_bytes", int, d.max_message_bytes)
+    if not 1024 <= max_bytes <= 2**31 - 1:
+        raise where.error("server.max_message_bytes", f"must be in 1024..2147483647, got {max_bytes}")
+    grace = _typed(where, table, "grace_seconds", (int, float), d.grace_seconds)
+    return ServerSettings(
+        host=_typed(where, table, "host", str, d.host),
+        grpc_workers=workers,
+        max_message_bytes=max_bytes,
+        grace_seconds=float(grace),
+        **ports,
+    )
+
+
+def parse_config(data: dict[str, Any], source: Path | str, base: Path) -> Settings:
+    where = _Where(source)
+    unknown = sorted(set(data) - {"server", "models"})
+    if unknown:
+        raise where.error(unknown[0], "unknown top-level key (expected [server] and [[models]])")
+    server = _parse_server(data.get("server", {}), source)
+    raw_models = data.get("models", [])
+    if not isinstance(raw_models, list) or not raw_models:
+        raise where.error("models", "at least one [[models]] table is required")
+    models = tuple(_parse_model(t, i, base, source) for i, t in enumerate(raw_models))
+    seen: set[str] = set()
+    for m in models:
+        if m.key in seen:
+            raise _Where(source, m.name).error("version", f"version {m.version} is configured twice")
+        seen.add(m.key)
+    return Settings(server=server, models=models, source=Path(source))
+
+
+def load_config(path: Path | str) -> Settings:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path}: invalid TOML: {exc}") from None
+    return parse_config(data, path, path.resolve().parent)
+
+
+def default_config_path() -> Path:
+    """The demo model set shipped inside the package (served when no --config is given)."""
+    return Path(__file__).resolve().parent / "demo" / "config.toml"
