@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC code for proto/*.proto: regenerate with `make proto`, never edit."""

@@ -1,0 +1,47 @@
+"""Command line: ``python -m iskander [--config FILE] [--host H] [--flight-port P] [--grpc-port Q]``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import attrs
+import click
+
+from .errors import ConfigError
+from .settings import default_config_path, load_config
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="TOML config with [[models]] tables. Default: the demo model set shipped in the package.")
+@click.option("--host", default=None, help="Address both frontends bind to. [default: 127.0.0.1]")
+@click.option("--flight-port", type=click.IntRange(0, 65535), default=None,
+              help="Arrow Flight port (0 = any free port). [default: 50051]")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
+              help="OIP v2 / Triton gRPC port (0 = any free port). [default: 8001]")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def main(config_path: Path | None, host: str | None, flight_port: int | None, grpc_port: int | None,
+         log_level: str) -> None:
+    """Serve ONNX models over Arrow Flight and KServe OIP v2 gRPC from one process."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = load_config(config_path or default_config_path())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    overrides = {k: v for k, v in (("host", host), ("flight_port", flight_port), ("grpc_port", grpc_port))
+                 if v is not None}
+    settings = attrs.evolve(settings, server=attrs.evolve(settings.server, **overrides))
+
+    from .server import IskanderServer  # heavy imports only once the config is known good
+
+    try:
+        IskanderServer(settings).run()
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None

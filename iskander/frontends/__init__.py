@@ -1,0 +1,1 @@
+"""Protocol frontends: thin translators between a wire protocol and ``iskander.core``."""

@@ -1,0 +1,163 @@
+"""Arrow Flight frontend (pyarrow.flight): DoExchange inference plus discovery and actions.
+
+Conventions (docs/flight.md):
+- descriptor ``FlightDescriptor.for_path(model)`` or ``for_path(model, version)``;
+- ``DoExchange``: the client streams record batches; each is answered by one output batch, in order,
+  on the same stream, so one stream carries many micro-batches;
+- ``GetSchema``: the input schema a DoExchange must send; ``GetFlightInfo``: the same, plus the model
+  metadata (output schema included) as JSON in ``app_metadata``;
+- actions: ``health``, ``ready``, ``list_models``, ``model_metadata``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.flight as flight
+
+from ..core import InferenceCore
+from ..errors import InvalidInput
+from ..model_info import describe
+from ..registry import ModelState, ModelVersion
+from .flight_errors import flight_errors, flight_errors_gen
+
+ACTIONS = {
+    "health": "Server liveness and readiness, with each model version's state. Body: empty.",
+    "ready": "Readiness of the server, or of one model if the body names it (UTF-8 name, or JSON "
+    '{"name": ..., "version": ...}).',
+    "list_models": "Every configured model version with its state and schemas. Body: empty.",
+    "model_metadata": 'Metadata of one model: versions, state, input and output schemas. Body: UTF-8 model '
+    'name or JSON {"name": ..., "version": ...}.',
+}
+
+
+def _descriptor_target(descriptor: flight.FlightDescriptor) -> tuple[str, str | None]:
+    if descriptor.descriptor_type != flight.DescriptorType.PATH:
+        raise InvalidInput("use a PATH descriptor: FlightDescriptor.for_path(model) or for_path(model, version)")
+    parts = [p.decode() if isinstance(p, bytes) else p for p in descriptor.path]
+    if len(parts) == 1:
+        return parts[0], None
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise InvalidInput(f"descriptor path must be [model] or [model, version], got {parts}")
+
+
+def _action_target(body: bytes) -> tuple[str | None, str | None]:
+    text = body.decode("utf-8", errors="replace").strip()
+    if not text:
+        return None, None
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise InvalidInput("action body is not valid JSON") from None
+        name, version = data.get("name"), data.get("version")
+        return (str(name) if name else None), (str(version) if version else None)
+    return text, None
+
+
+def _json_result(value: Any) -> flight.Result:
+    return flight.Result(json.dumps(value).encode())
+
+
+class FlightFrontend(flight.FlightServerBase):
+    def __init__(self, core: InferenceCore, location: str, **kwargs: Any) -> None:
+        super().__init__(location, **kwargs)
+        self.core = core
+
+    # --- discovery --------------------------------------------------------------------------------
+
+    def _flight_info(self, entry: ModelVersion, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        assert entry.contract is not None
+        meta = describe(entry, self.core.registry)
+        meta["output_schema_ipc"] = base64.b64encode(entry.contract.output_schema.serialize().to_pybytes()).decode()
+        return flight.FlightInfo(
+            entry.contract.input_schema, descriptor, [], -1, -1, app_metadata=json.dumps(meta).encode()
+        )
+
+    @flight_errors_gen
+    def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
+        for name in self.core.registry.names():
+            entry = self.core.registry.find(name)
+            if entry.state is ModelState.READY:
+                yield self._flight_info(entry, flight.FlightDescriptor.for_path(name))
+
+    @flight_errors
+    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        name, version = _descriptor_target(descriptor)
+        return self._flight_info(self.core.model(name, version), descriptor)
+
+    @flight_errors
+    def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        name, version = _descriptor_target(descriptor)
+        entry = self.core.model(name, version)
+        assert entry.contract is not None
+        return flight.SchemaResult(entry.contract.input_schema)
+
+    # --- inference --------------------------------------------------------------------------------
+
+    @flight_errors
+    def do_exchange(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+    ) -> None:
+        name, version = _descriptor_target(descriptor)
+        entry = self.core.model(name, version)
+        # Pin the version for the stream so every batch on it is answered by the same model.
+        version = entry.version
+        started = False
+        for chunk in reader:
+            batch = chunk.data
+            if batch is None:  # metadata-only message: nothing to score
+                continue
+            result = self.core.infer(name, version, batch)
+            if not started:
+                writer.begin(result.batch.schema)
+                started = True
+            writer.write_batch(result.batch)
+        if not started:
+            assert entry.contract is not None
+            writer.begin(entry.contract.output_schema)
+
+    # --- actions ----------------------------------------------------------------------------------
+
+    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+        return list(ACTIONS.items())
+
+    @flight_errors_gen
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[flight.Result]:
+        kind = action.type
+        body = action.body.to_pybytes() if action.body is not None else b""
+        registry = self.core.registry
+        if kind == "health":
+            yield _json_result({
+                "live": self.core.live,
+                "ready": self.core.ready(),
+                "models": [{"name": e.name, "version": e.version, "state": e.state.value} for e in registry.all()],
+            })
+        elif kind == "ready":
+            name, version = _action_target(body)
+            if name is None:
+                yield _json_result({"ready": self.core.ready()})
+            else:
+                entry = registry.find(name, version)
+                yield _json_result({"name": name, "version": entry.version, "ready": entry.state is ModelState.READY})
+        elif kind == "list_models":
+            yield _json_result([describe(e, registry) for e in registry.all()])
+        elif kind == "model_metadata":
+            name, version = _action_target(body)
+            if name is None:
+                raise InvalidInput("model_metadata needs a model name in the action body")
+            yield _json_result(describe(registry.find(name, version), registry))
+        else:
+            raise InvalidInput(f"unknown action '{kind}'; actions: {', '.join(ACTIONS)}", action=kind)
+
+
+def make_flight_server(core: InferenceCore, host: str, port: int) -> FlightFrontend:
+    return FlightFrontend(core, f"grpc://{host}:{port}")

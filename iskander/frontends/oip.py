@@ -1,0 +1,193 @@
+"""KServe Open Inference Protocol v2 gRPC frontend, wire-compatible with Triton's GRPCInferenceService.
+
+Translates OIP tensors to an Arrow RecordBatch (the contract's input columns), calls the core, and
+encodes the output columns as ``raw_output_contents``. RPCs not implemented here answer
+UNIMPLEMENTED (the generated base class does that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent import futures
+
+import grpc
+import pyarrow as pa
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .._proto import grpc_service_pb2 as pb
+from .._proto import grpc_service_pb2_grpc as pb_grpc
+from ..core import SERVER_NAME, InferenceCore, server_version
+from ..errors import InvalidInput
+from ..registry import ModelState, ModelVersion
+from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape
+from .oip_errors import grpc_errors
+
+# Advertise only what is implemented (perf_analyzer and clients read this list).
+EXTENSIONS: tuple[str, ...] = ()
+
+
+class _ModelCodec:
+    """Per model version: decoders for its request columns, built once."""
+
+    def __init__(self, entry: ModelVersion) -> None:
+        assert entry.contract is not None
+        self.schema = entry.contract.input_schema
+        self.decoders = {f.name: TensorDecoder(entry.name, f.name, f.type) for f in self.schema}
+        self.order = tuple(f.name for f in self.schema)
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+        # keyed by the contract object itself (not id()), so a reloaded model can never hit a stale codec
+        self._codecs: dict[object, _ModelCodec] = {}
+
+    def _codec(self, entry: ModelVersion) -> _ModelCodec:
+        key = entry.contract
+        codec = self._codecs.get(key)
+        if codec is None:
+            codec = _ModelCodec(entry)
+            self._codecs = {**self._codecs, key: codec}  # copy-on-write: readers never lock
+        return codec
+
+    # --- health and metadata ----------------------------------------------------------------------
+
+    @grpc_errors
+    def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.core.live)
+
+    @grpc_errors
+    def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.core.ready())
+
+    @grpc_errors
+    def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            entry = self.core.registry.find(request.name, request.version or None)
+        except Exception:  # unknown model or version: not ready (Triton answers the same)
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=entry.state is ModelState.READY)
+
+    @grpc_errors
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS))
+
+    @grpc_errors
+    def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        entry = self.core.model(request.name, request.version or None)
+        assert entry.contract is not None
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=entry.name,
+            versions=[v.version for v in self.core.registry.versions(entry.name) if v.state is ModelState.READY],
+            platform="onnxruntime_onnx",
+            inputs=[tensor(name=f.name, datatype=oip_datatype(f.type), shape=oip_shape(f.type))
+                    for f in entry.contract.input_schema],
+            outputs=[tensor(name=f.name, datatype=oip_datatype(f.type), shape=oip_shape(f.type))
+                     for f in entry.contract.output_schema],
+        )
+
+    # --- inference --------------------------------------------------------------------------------
+
+    def _to_batch(self, request: pb.ModelInferRequest, codec: _ModelCodec, model: str) -> pa.RecordBatch:
+        inputs = request.inputs
+        raw = request.raw_input_contents
+        if raw and len(raw) != len(inputs):
+            raise InvalidInput(
+                f"expected {len(inputs)} raw_input_contents entries (one per input) for model '{model}', "
+                f"got {len(raw)}",
+                model=model,
+            )
+        arrays: dict[str, pa.Array] = {}
+        rows = None
+        for i, tensor in enumerate(inputs):
+            decoder = codec.decoders.get(tensor.name)
+            if decoder is None:
+                raise InvalidInput(
+                    f"unexpected inference input '{tensor.name}' for model '{model}'; inputs: "
+                    f"{', '.join(codec.order)}",
+                    model=model, column=tensor.name,
+                )
+            if tensor.name in arrays:
+                raise InvalidInput(f"input '{tensor.name}' is given twice for model '{model}'", model=model)
+            n = decoder.rows(tensor.shape, tensor.datatype)
+            if rows is None:
+                rows = n
+            elif n != rows:
+                raise InvalidInput(
+                    f"input '{tensor.name}' for model '{model}' has batch size {n}, other inputs have {rows}",
+                    model=model, column=tensor.name, expected=rows, got=n,
+                )
+            if raw:
+                if tensor.HasField("contents"):
+                    raise InvalidInput(
+                        f"input '{tensor.name}' for model '{model}' sets contents while the request uses "
+                        "raw_input_contents; use one or the other",
+                        model=model, column=tensor.name,
+                    )
+                arrays[tensor.name] = decoder.from_raw(raw[i], n)
+            else:
+                arrays[tensor.name] = decoder.from_contents(tensor.contents, n)
+        missing = [name for name in codec.order if name not in arrays]
+        if missing:
+            raise InvalidInput(
+                f"expected {len(codec.order)} inputs but got {len(arrays)} inputs for model '{model}'; "
+                f"missing input '{missing[0]}'",
+                model=model, column=missing[0],
+            )
+        return pa.RecordBatch.from_arrays([arrays[name] for name in codec.order], schema=codec.schema)
+
+    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        model = request.model_name
+        entry = self.core.model(model, request.model_version or None)
+        batch = self._to_batch(request, self._codec(entry), model)
+        requested: Sequence[str] = [o.name for o in request.outputs]
+        result = self.core.infer(model, entry.version, batch, outputs=requested or None)
+        out = result.batch
+        response = pb.ModelInferResponse(model_name=model, model_version=result.version, id=request.id)
+        names = requested or out.schema.names
+        raw_outputs = []
+        for name in names:
+            datatype, shape, data = encode_column(out.column(name))
+            response.outputs.add(name=name, datatype=datatype, shape=shape)
+            raw_outputs.append(data)
+        response.raw_output_contents.extend(raw_outputs)
+        return response
+
+    @grpc_errors
+    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        return self.infer(request)
+
+
+def make_grpc_server(
+    core: InferenceCore, host: str, port: int, workers: int, max_message_bytes: int
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip"), options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC port {host}:{port}")
+    return server, bound, health_servicer
+
+
+def set_health(health_servicer: health.HealthServicer, core: InferenceCore, serving: bool) -> None:
+    """Server status under '' and the service name; each model's under its name (grpc_health_probe -service)."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    health_servicer.set("", status)
+    health_servicer.set("inference.GRPCInferenceService", status)
+    for name in core.registry.names():
+        ready = serving and core.registry.find(name).state is ModelState.READY
+        health_servicer.set(
+            name, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )

@@ -1,0 +1,255 @@
+"""OIP v2 tensors <-> Arrow columns.
+
+Requests: each input tensor becomes the Arrow column the contract expects. Fixed-width raw contents
+are wrapped without copying (the Arrow buffer points into the request's bytes); BOOL and BYTES are
+copied once. Responses: each output column becomes one ``raw_output_contents`` entry (one copy into
+the protobuf bytes). Shapes follow Triton's ONNX convention: a one-value-per-row column is [-1, 1]
+in metadata and answers, and is accepted as [N, 1] or [N].
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from ..arrow_types import STRING_TYPES, element_type, row_shape
+from ..errors import InvalidInput, Unimplemented
+
+_FIXED: dict[pa.DataType, str] = {
+    pa.bool_(): "BOOL",
+    pa.uint8(): "UINT8",
+    pa.uint16(): "UINT16",
+    pa.uint32(): "UINT32",
+    pa.uint64(): "UINT64",
+    pa.int8(): "INT8",
+    pa.int16(): "INT16",
+    pa.int32(): "INT32",
+    pa.int64(): "INT64",
+    pa.float16(): "FP16",
+    pa.float32(): "FP32",
+    pa.float64(): "FP64",
+}
+
+# numpy dtype of each datatype's raw little-endian encoding
+RAW_DTYPE: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+
+# InferTensorContents field that carries each datatype in typed (non-raw) form
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def oip_datatype(arrow_type: pa.DataType) -> str:
+    """OIP datatype of a column's element type (timestamps and dates travel as their integers)."""
+    elem = element_type(arrow_type)
+    if elem in STRING_TYPES:
+        return "BYTES"
+    if pa.types.is_timestamp(elem) or pa.types.is_date64(elem) or pa.types.is_duration(elem):
+        return "INT64"
+    if pa.types.is_date32(elem):
+        return "INT32"
+    name = _FIXED.get(elem)
+    if name is None:
+        raise Unimplemented(f"Arrow type {arrow_type} has no OIP v2 datatype")
+    return name
+
+
+def oip_shape(arrow_type: pa.DataType) -> list[int]:
+    """Metadata shape with the batch dimension as -1 (one-value-per-row columns as [-1, 1])."""
+    dims = row_shape(arrow_type)
+    return [-1, *dims] if dims else [-1, 1]
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+class TensorDecoder:
+    """Decodes one contract column from an OIP input tensor; built once per model version."""
+
+    def __init__(self, model: str, column: str, arrow_type: pa.DataType) -> None:
+        self.model = model
+        self.column = column
+        self.arrow_type = arrow_type
+        self.elem = element_type(arrow_type)
+        self.datatype = oip_datatype(arrow_type)
+        self.row_shape = row_shape(arrow_type)
+        self.per_row = int(np.prod(self.row_shape)) if self.row_shape else 1
+        self.metadata_shape = oip_shape(arrow_type)
+
+    def rows(self, shape: Sequence[int], datatype: str) -> int:
+        """Validate datatype and shape; return the batch size N."""
+        if datatype != self.datatype:
+            raise InvalidInput(
+                f"inference input '{self.column}' data-type is '{datatype}', model '{self.model}' expects "
+                f"'{self.datatype}'",
+                model=self.model, column=self.column, expected=self.datatype, got=datatype,
+            )
+        shape = list(shape)
+        ok = len(shape) >= 1 and all(d >= 0 for d in shape) and (
+            tuple(shape[1:]) == self.row_shape or (not self.row_shape and shape[1:] == [1])
+        )
+        if not ok:
+            raise InvalidInput(
+                f"unexpected shape for input '{self.column}' for model '{self.model}'. Expected "
+                f"{_fmt(self.metadata_shape)}, got {_fmt(shape)}",
+                model=self.model, column=self.column, expected=self.metadata_shape, got=shape,
+            )
+        return shape[0]
+
+    def from_raw(self, data: bytes, rows: int) -> pa.Array:
+        count = rows * self.per_row
+        if self.datatype == "BYTES":
+            flat = self._bytes_array(_split_bytes(data, count, self.column, self.model))
+        else:
+            dtype = RAW_DTYPE[self.datatype]
+            if len(data) != count * dtype.itemsize:
+                raise InvalidInput(
+                    f"input '{self.column}' for model '{self.model}' has {len(data)} bytes of raw data, "
+                    f"expected {count * dtype.itemsize} for {count} {self.datatype} elements",
+                    model=self.model, column=self.column, expected=count * dtype.itemsize, got=len(data),
+                )
+            if self.datatype == "BOOL":
+                flat = pa.array(np.frombuffer(data, dtype=np.uint8).astype(bool), type=pa.bool_())
+            else:
+                # zero-copy: the Arrow buffer is a view of the request bytes
+                flat = pa.Array.from_buffers(self.elem, count, [None, pa.py_buffer(data)])
+        return self._nest(flat)
+
+    def from_contents(self, contents: object, rows: int) -> pa.Array:
+        count = rows * self.per_row
+        field = CONTENTS_FIELD.get(self.datatype)
+        if field is None:
+            raise InvalidInput(
+                f"input '{self.column}' for model '{self.model}' is {self.datatype}, which travels only in "
+                "raw_input_contents",
+                model=self.model, column=self.column,
+            )
+        values = getattr(contents, field)
+        if len(values) != count:
+            raise InvalidInput(
+                f"input '{self.column}' for model '{self.model}' has {len(values)} elements in {field}, "
+                f"expected {count}",
+                model=self.model, column=self.column, expected=count, got=len(values),
+            )
+        if self.datatype == "BYTES":
+            flat = self._bytes_array(list(values))
+        else:
+            array = np.asarray(values, dtype=RAW_DTYPE[self.datatype])
+            flat = pa.Array.from_buffers(self.elem, count, [None, pa.py_buffer(array)]) if self.datatype != "BOOL" \
+                else pa.array(array, type=pa.bool_())
+        return self._nest(flat)
+
+    def _bytes_array(self, items: list[bytes]) -> pa.Array:
+        binary = pa.array(items, type=pa.binary())
+        if self.elem in (pa.binary(), pa.large_binary()):
+            return binary.cast(self.elem)
+        try:
+            return binary.cast(self.elem)  # utf8: validates the encoding
+        except (pa.ArrowInvalid, UnicodeDecodeError):
+            raise InvalidInput(
+                f"input '{self.column}' for model '{self.model}' holds bytes that are not valid UTF-8; the "
+                "column is a utf8 string column",
+                model=self.model, column=self.column,
+            ) from None
+
+    def _nest(self, flat: pa.Array) -> pa.Array:
+        out = flat
+        if self.elem != flat.type:  # timestamps/dates travel as integers
+            out = pa.Array.from_buffers(self.elem, len(flat), flat.buffers(), offset=flat.offset)
+        for d in reversed(self.row_shape):
+            out = pa.FixedSizeListArray.from_arrays(out, d)
+        return out
+
+
+def _split_bytes(data: bytes, count: int, column: str, model: str) -> list[bytes]:
+    """Raw BYTES: each element is a little-endian uint32 length followed by that many bytes."""
+    items = []
+    offset = 0
+    size = len(data)
+    view = memoryview(data)
+    unpack = struct.Struct("<I").unpack_from
+    for i in range(count):
+        if offset + 4 > size:
+            raise InvalidInput(
+                f"input '{column}' for model '{model}': raw BYTES data ends before element {i} of {count}",
+                model=model, column=column,
+            )
+        (length,) = unpack(data, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidInput(
+                f"input '{column}' for model '{model}': BYTES element {i} declares {length} bytes but only "
+                f"{size - offset} remain",
+                model=model, column=column,
+            )
+        items.append(bytes(view[offset:offset + length]))
+        offset += length
+    if offset != size:
+        raise InvalidInput(
+            f"input '{column}' for model '{model}': {size - offset} bytes left after {count} BYTES elements",
+            model=model, column=column,
+        )
+    return items
+
+
+def encode_column(array: pa.Array) -> tuple[str, list[int], bytes]:
+    """(datatype, shape, raw bytes) of an output column, Triton-style shapes ([N, 1] for scalars)."""
+    n = len(array)
+    t = array.type
+    datatype = oip_datatype(t)
+    flat = array
+    dims: list[int] = []
+    while pa.types.is_fixed_size_list(flat.type):
+        dims.append(flat.type.list_size)
+        flat = flat.flatten()
+    if pa.types.is_list(flat.type):  # run-time sized rows: all rows must agree to form a tensor
+        lengths = np.diff(flat.offsets.to_numpy())
+        width = int(lengths[0]) if n else 0
+        if n and not (lengths == width).all():
+            raise InvalidInput("output rows have different lengths and cannot form one tensor")
+        dims.append(width)
+        flat = flat.flatten()
+    shape = [n, *dims] if dims else [n, 1]
+    if datatype == "BYTES":
+        parts = []
+        pack = struct.Struct("<I").pack
+        for value in flat.cast(pa.binary()).to_pylist():
+            value = value or b""  # OIP has no nulls: a null string travels as empty
+            parts.append(pack(len(value)))
+            parts.append(value)
+        return datatype, shape, b"".join(parts)
+    if datatype == "BOOL":
+        return datatype, shape, flat.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8).tobytes()
+    if flat.null_count:
+        flat = flat.fill_null(0)  # passthrough nulls: OIP has no nulls
+    dtype = RAW_DTYPE[datatype]
+    values = np.frombuffer(flat.buffers()[1], dtype=dtype, count=flat.offset + len(flat))[flat.offset:]
+    return datatype, shape, values.tobytes()

@@ -1,0 +1,72 @@
+"""Process wiring: load the registry, start both frontends side by side, stop them cleanly."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from .core import InferenceCore
+from .frontends.flight import make_flight_server
+from .frontends.oip import make_grpc_server, set_health
+from .registry import ModelRegistry
+from .settings import Settings
+
+log = logging.getLogger("iskander.server")
+
+
+class IskanderServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings.models)
+        self.core = InferenceCore(self.registry)
+        self._stop = threading.Event()
+
+    def start(self) -> tuple[int, int]:
+        """Load models, bind both ports; returns the bound (flight_port, grpc_port)."""
+        self.registry.load_all()
+        s = self.settings.server
+        self.grpc_server, self.grpc_port, self.health = make_grpc_server(
+            self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes
+        )
+        self.flight_server = make_flight_server(self.core, s.host, s.flight_port)
+        self.flight_port = self.flight_server.port
+        self.grpc_server.start()
+        self._flight_thread = threading.Thread(target=self.flight_server.serve, name="flight", daemon=True)
+        self._flight_thread.start()
+        set_health(self.health, self.core, serving=True)
+        return self.flight_port, self.grpc_port
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        grace = self.settings.server.grace_seconds
+        self.core.live = False
+        set_health(self.health, self.core, serving=False)  # probes see NOT_SERVING first
+        done = self.grpc_server.stop(grace)
+        self.flight_server.shutdown()  # waits for in-flight Flight calls to finish
+        done.wait(grace + 1)
+        self._flight_thread.join(timeout=grace + 1)
+        log.info("stopped")
+
+    def run(self) -> None:
+        """Start, print the ready line, serve until SIGINT/SIGTERM, then stop."""
+        flight_port, grpc_port = self.start()
+        host = self.settings.server.host
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        models = self.registry.all()
+        ok = [f"{e.name}:{e.version}" for e in models if e.contract is not None]
+        failed = [f"{e.name}:{e.version}" for e in models if e.contract is None]
+        log.info("models ready: %s%s", ", ".join(ok) or "(none)", f"; failed: {', '.join(failed)}" if failed else "")
+        # Tests and scripts wait for this exact line; it carries the bound ports (port 0 = any free port).
+        print(f"iskander ready flight=grpc://{host}:{flight_port} grpc={host}:{grpc_port}", flush=True)
+        try:
+            self.wait()
+        finally:
+            self.stop()
