@@ -64,7 +64,9 @@ class OnnxBackend:
                 for _ in range(settings.instances)
             ]
         except Exception as exc:  # ORT raises several pybind types for unreadable/invalid models
-            raise ModelLoadError(f"onnxruntime could not load {settings.path.name}: {exc}") from None
+            # Clients see this reason; keep the server's directory layout out of it.
+            reason = _short(exc).replace(str(settings.path), settings.path.name)
+            raise ModelLoadError(f"onnxruntime could not load {settings.path.name}: {reason}") from None
         first = self._sessions[0]
         self.inputs = tuple(_tensor_info(a) for a in first.get_inputs())
         self.outputs = tuple(_tensor_info(a) for a in first.get_outputs())

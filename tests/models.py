@@ -1,0 +1,106 @@
+"""ONNX models the tests build (onnx.helper and scikit-learn + skl2onnx), plus in-process references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from iskander.demo.build import IR_VERSION, OPSET, build_demo
+
+
+def _save(graph, path: Path) -> Path:
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def build_dtypes(path: Path) -> Path:
+    """No manifest: inputs of several types; outputs echo them transformed (derived contract)."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Mul", ["x64", "x64"], ["x64_sq"]),          # float64 [N]
+        helper.make_node("Add", ["i32", "i32"], ["i32_twice"]),       # int32 [N]
+        helper.make_node("ReduceSum", ["i64x3", "axes"], ["i64_sum"], keepdims=0),  # int64 [N,3] -> [N]
+        helper.make_node("Neg", ["f32x2x3"], ["f32_neg"]),            # float32 [N,2,3]
+        helper.make_node("Not", ["flag"], ["flag_not"]),              # bool [N]
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dtypes",
+        inputs=[
+            helper.make_tensor_value_info("x64", TensorProto.DOUBLE, ["N"]),
+            helper.make_tensor_value_info("i32", TensorProto.INT32, ["N"]),
+            helper.make_tensor_value_info("i64x3", TensorProto.INT64, ["N", 3]),
+            helper.make_tensor_value_info("f32x2x3", TensorProto.FLOAT, ["N", 2, 3]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, ["N"]),
+        ],
+        outputs=[
+            helper.make_tensor_value_info("x64_sq", TensorProto.DOUBLE, ["N"]),
+            helper.make_tensor_value_info("i32_twice", TensorProto.INT32, ["N"]),
+            helper.make_tensor_value_info("i64_sum", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info("f32_neg", TensorProto.FLOAT, ["N", 2, 3]),
+            helper.make_tensor_value_info("flag_not", TensorProto.BOOL, ["N"]),
+        ],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    return _save(graph, path)
+
+
+def build_sklearn(path: Path, n_features: int = 4, seed: int = 3) -> Path:
+    """A scikit-learn logistic regression exported with skl2onnx (probabilities as a tensor)."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((200, n_features)).astype(np.float32)
+    y = (x @ np.arange(1, n_features + 1) > 0).astype(np.int64)
+    clf = LogisticRegression().fit(x, y)
+    onx = to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}}, target_opset={"": OPSET, "ai.onnx.ml": 3})
+    onx.ir_version = IR_VERSION
+    path.write_bytes(onx.SerializeToString())
+    return path
+
+
+SKLEARN_MANIFEST = """\
+[[passthrough]]
+name = "entity_id"
+type = "utf8"
+
+[[inputs]]
+name = "features"
+type = "fixed_size_list<float32>[4]"
+tensor = "X"
+
+[[outputs]]
+name = "label"
+type = "int64"
+
+[[outputs]]
+name = "probabilities"
+type = "fixed_size_list<float32>[2]"
+"""
+
+
+def build_all(root: Path) -> Path:
+    """Every test model under root, with manifests; returns root."""
+    build_demo(root)
+    build_dtypes(root / "dtypes.onnx")
+    build_sklearn(root / "sklearn.onnx")
+    (root / "sklearn.manifest.toml").write_text(SKLEARN_MANIFEST)
+    (root / "broken.onnx").write_bytes(b"this is not an onnx model")
+    return root
+
+
+def reference(path: Path, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    """onnxruntime in process on the same file: what the server must return."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = outputs or [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
