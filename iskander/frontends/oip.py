@@ -26,6 +26,14 @@ from .oip_errors import grpc_errors
 EXTENSIONS: tuple[str, ...] = ()
 
 
+def _mixed_contents(name: str, model: str) -> InvalidInput:
+    return InvalidInput(
+        f"input '{name}' for model '{model}' sets contents while the request uses raw_input_contents; "
+        "use one or the other",
+        model=model, column=name,
+    )
+
+
 class _ModelCodec:
     """Per model version: decoders for its request columns, built once."""
 
@@ -97,6 +105,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         inputs = request.inputs
         raw = request.raw_input_contents
         if raw and len(raw) != len(inputs):
+            typed = next((t.name for t in inputs if t.HasField("contents")), None)
+            if typed is not None:
+                raise _mixed_contents(typed, model)
             raise InvalidInput(
                 f"expected {len(inputs)} raw_input_contents entries (one per input) for model '{model}', "
                 f"got {len(raw)}",
@@ -124,11 +135,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             if raw:
                 if tensor.HasField("contents"):
-                    raise InvalidInput(
-                        f"input '{tensor.name}' for model '{model}' sets contents while the request uses "
-                        "raw_input_contents; use one or the other",
-                        model=model, column=tensor.name,
-                    )
+                    raise _mixed_contents(tensor.name, model)
                 arrays[tensor.name] = decoder.from_raw(raw[i], n)
             else:
                 arrays[tensor.name] = decoder.from_contents(tensor.contents, n)
