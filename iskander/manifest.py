@@ -79,7 +79,7 @@ def _column(entry: Any, where: str, with_tensor: bool) -> ColumnSpec:
 
 
 def parse_manifest(data: dict[str, Any], source: Path, model: str) -> Manifest:
-    prefix = f"manifest {source}, model '{model}'"
+    prefix = f"manifest {source.name}, model '{model}'"  # name only: reasons reach clients
     unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"{prefix}: unknown key '{unknown[0]}' (expected [[inputs]], [[outputs]], [[passthrough]])")
@@ -109,7 +109,7 @@ def load_manifest(path: Path, model: str) -> Manifest:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"manifest {path}, model '{model}': cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(f"manifest {path.name}, model '{model}': cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"manifest {path}, model '{model}': invalid TOML: {exc}") from None
+        raise ConfigError(f"manifest {path.name}, model '{model}': invalid TOML: {exc}") from None
     return parse_manifest(data, path, model)

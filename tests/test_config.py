@@ -1,0 +1,148 @@
+"""Config loading: Rust-compatible keys, path resolution and errors that name file, model and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iskander.errors import ConfigError
+from iskander.settings import default_config_path, load_config
+
+RUST_README_CONFIG = """\
+[[models]]
+name = "movielens-two-tower"
+backend = "onnx"
+path = "devmodels/movielens_two_tower/artifacts/two_tower.onnx"
+execution_providers = ["cpu"]
+intra_threads = 4
+inter_threads = 1
+optimization_level = "level3"
+parallel_execution = false
+memory_pattern = true
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_rust_readme_config_loads_and_serves(tmp_path, models_dir):
+    """The Rust project's example config, unchanged, loads and its model serves."""
+    model = tmp_path / "devmodels/movielens_two_tower/artifacts/two_tower.onnx"
+    model.parent.mkdir(parents=True)
+    model.write_bytes((models_dir / "two_tower.onnx").read_bytes())
+    settings = load_config(write(tmp_path, RUST_README_CONFIG))
+    (m,) = settings.models
+    assert m.name == "movielens-two-tower"
+    assert m.path == model.resolve()  # relative to the config file's folder
+    assert m.intra_threads == 4 and m.inter_threads == 1
+    assert m.optimization_level == "all" and m.parallel_execution is False and m.memory_pattern is True
+    assert m.execution_providers == ("cpu",)
+    assert m.manifest_path == model.with_name("two_tower.manifest.toml")
+
+    from iskander.registry import ModelRegistry, ModelState
+
+    registry = ModelRegistry(settings.models)
+    registry.load_all()
+    assert registry.find("movielens-two-tower").state is ModelState.READY
+
+
+@pytest.mark.parametrize("level,expected", [
+    ("disable", "disable"), ("level1", "basic"), ("basic", "basic"), ("level2", "extended"),
+    ("extended", "extended"), ("level3", "all"), ("all", "all"),
+])
+def test_optimization_level_aliases(tmp_path, level, expected):
+    cfg = write(tmp_path, f'[[models]]\nname = "m"\npath = "m.onnx"\noptimization_level = "{level}"\n')
+    assert load_config(cfg).models[0].optimization_level == expected
+
+
+def test_defaults_and_server_table(tmp_path):
+    cfg = write(tmp_path, '[server]\nflight_port = 6000\n\n[[models]]\nname = "m"\npath = "sub/m.onnx"\n'
+                          'manifest = "other.toml"\nversion = 3\n')
+    s = load_config(cfg)
+    assert s.server.flight_port == 6000 and s.server.grpc_port == 8001 and s.server.host == "127.0.0.1"
+    m = s.models[0]
+    assert m.version == 3 and m.manifest_path == (tmp_path / "other.toml").resolve()
+    assert m.intra_threads == 1 and m.instances == 1
+
+
+@pytest.mark.parametrize("body,expected", [
+    ('[[models]]\nname = "m"\npath = "m.onnx"\nintra_thread = 2\n',
+     "model 'm', key 'intra_thread': unknown key"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\noptimization_level = "turbo"\n',
+     "model 'm', key 'optimization_level': unknown level 'turbo'"),
+    ('[[models]]\nname = "m"\n', "model 'm', key 'path': is required"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\nintra_threads = "4"\n',
+     "model 'm', key 'intra_threads': expected an integer, got str '4'"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\nintra_threads = true\n',
+     "model 'm', key 'intra_threads': expected an integer, got boolean True"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\nbackend = "torch"\n',
+     "model 'm', key 'backend': unsupported backend 'torch'"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\nexecution_providers = ["tpu"]\n',
+     "model 'm', key 'execution_providers': unknown provider 'tpu'"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\nversion = 0\n',
+     "model 'm', key 'version': must be a positive integer"),
+    ('[[models]]\nname = "m"\npath = "a.onnx"\n[[models]]\nname = "m"\npath = "b.onnx"\n',
+     "model 'm', key 'version': version 1 is configured twice"),
+    ('[[models]]\npath = "m.onnx"\n', "model '#1', key 'name': is required"),
+    ('[server]\ngrpc_port = 70000\n[[models]]\nname = "m"\npath = "m.onnx"\n',
+     "key 'server.grpc_port': must be a port number"),
+    ('[server]\nport = 1\n[[models]]\nname = "m"\npath = "m.onnx"\n', "key 'server.port': unknown key"),
+    ('', "key 'models': at least one [[models]] table is required"),
+    ('[[models]\n', "invalid TOML"),
+])
+def test_bad_config_names_file_model_and_key(tmp_path, body, expected):
+    cfg = write(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert str(info.value).startswith(f"config {cfg}")
+    assert expected in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_cli_refuses_bad_config_with_the_message(tmp_path):
+    cfg = write(tmp_path, '[[models]]\nname = "m"\npath = "m.onnx"\nmemory_patern = true\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "iskander", "--config", str(cfg), "--flight-port", "0", "--grpc-port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert f"config {cfg}, model 'm', key 'memory_patern': unknown key" in proc.stderr
+
+
+def test_cli_help_lists_the_flags():
+    proc = subprocess.run([sys.executable, "-m", "iskander", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for flag in ("--config", "--host", "--flight-port", "--grpc-port"):
+        assert flag in proc.stdout
+
+
+def test_embedded_default_config_is_valid():
+    s = load_config(default_config_path())
+    assert {m.name for m in s.models} == {"two_tower", "tabular"}
+    assert all(m.path.is_file() and m.manifest_path.is_file() for m in s.models)
+
+
+def test_bad_manifest_fails_that_model_only(tmp_path, models_dir):
+    (tmp_path / "t.onnx").write_bytes((models_dir / "tabular.onnx").read_bytes())
+    (tmp_path / "t.manifest.toml").write_text('[[inputs]]\nname = "x"\ntype = "float128"\n')
+    (tmp_path / "ok.onnx").write_bytes((models_dir / "tabular.onnx").read_bytes())
+    (tmp_path / "ok.manifest.toml").write_text((models_dir / "tabular.manifest.toml").read_text())
+    cfg = write(tmp_path, '[[models]]\nname = "t"\npath = "t.onnx"\n[[models]]\nname = "ok"\npath = "ok.onnx"\n')
+    from iskander.registry import ModelRegistry, ModelState
+
+    registry = ModelRegistry(load_config(cfg).models)
+    registry.load_all()
+    bad = registry.find("t")
+    assert bad.state is ModelState.UNAVAILABLE
+    assert "model 't', inputs[0] ('x') key 'type': unknown Arrow type 'float128'" in bad.reason
+    assert registry.find("ok").state is ModelState.READY

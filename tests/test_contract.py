@@ -1,0 +1,194 @@
+"""The schema contract and the copy boundaries, in process on real ONNX models (no server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from data import fsl, tabular_batch, two_tower_batch
+from iskander.arrow_tensor import from_ndarray, to_ndarray
+from iskander.errors import InvalidInput
+from iskander.frontends.oip_codec import TensorDecoder, encode_column
+from iskander.registry import ModelState, load_model
+from iskander.settings import ModelSettings
+from models import reference
+
+
+def addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def value_buffer_address(arr: pa.Array) -> int:
+    """Address of the first value of a (possibly sliced, possibly nested) fixed-width column."""
+    while pa.types.is_fixed_size_list(arr.type):
+        arr = arr.flatten()
+    return arr.buffers()[1].address + arr.offset * arr.type.bit_width // 8
+
+
+def load(path: Path, manifest: str | None = None, tmp: Path | None = None):
+    settings = ModelSettings(name=path.stem, path=path)
+    if manifest is not None:
+        assert tmp is not None
+        mpath = tmp / f"{path.stem}.manifest.toml"
+        mpath.write_text(manifest)
+        settings = ModelSettings(name=path.stem, path=path, manifest=mpath)
+    return load_model(settings)
+
+
+# --- zero copy ------------------------------------------------------------------------------------
+
+
+def test_non_null_columns_reach_onnxruntime_as_views(models_dir):
+    entry = load(models_dir / "tabular.onnx")
+    assert entry.state is ModelState.READY
+    batch, _ = tabular_batch(100)
+    prepared = entry.contract.prepare(batch)
+    assert addr(prepared.feeds["numeric"]) == value_buffer_address(batch.column("features"))
+    assert addr(prepared.feeds["category"]) == value_buffer_address(batch.column("category"))
+    assert not prepared.feeds["numeric"].flags.owndata
+
+
+def test_sliced_columns_stay_zero_copy(models_dir):
+    entry = load(models_dir / "two_tower.onnx")
+    batch, _ = two_tower_batch(50)
+    part = batch.slice(10, 20)
+    prepared = entry.contract.prepare(part)
+    assert prepared.feeds["user_features"].shape == (20, 16)
+    assert addr(prepared.feeds["user_features"]) == value_buffer_address(part.column("user_features"))
+
+
+def test_output_arrays_wrap_the_result_buffer():
+    result = np.arange(24, dtype=np.float32).reshape(6, 4)
+    arr = from_ndarray(result, pa.list_(pa.float32(), 4))
+    assert value_buffer_address(arr) == addr(result)
+    scalar = np.arange(6, dtype=np.int64)
+    assert value_buffer_address(from_ndarray(scalar, pa.int64())) == addr(scalar)
+
+
+def test_oip_raw_bytes_become_arrow_without_copy():
+    data = np.arange(12, dtype=np.float32).tobytes()
+    decoder = TensorDecoder("m", "x", pa.list_(pa.float32(), 4))
+    arr = decoder.from_raw(data, 3)
+    assert value_buffer_address(arr) == addr(np.frombuffer(data, dtype=np.uint8))
+    tensor = to_ndarray(arr)
+    assert addr(tensor) == addr(np.frombuffer(data, dtype=np.uint8))
+    np.testing.assert_array_equal(tensor, np.arange(12, dtype=np.float32).reshape(3, 4))
+
+
+def test_encode_column_round_trips_through_decoder():
+    for arrow_type, values in (
+        (pa.float16(), np.arange(5, dtype=np.float16)),
+        (pa.uint16(), np.arange(5, dtype=np.uint16)),
+        (pa.int8(), np.arange(-2, 3, dtype=np.int8)),
+        (pa.bool_(), np.array([True, False, True, True, False])),
+    ):
+        arr = pa.array(values, type=arrow_type)
+        datatype, shape, raw = encode_column(arr)
+        assert shape == [5, 1]
+        back = TensorDecoder("m", "x", arrow_type).from_raw(raw, shape[0])
+        assert back.equals(arr), datatype
+    strings = pa.array(["a", "", "ünïcode"])
+    datatype, shape, raw = encode_column(strings)
+    assert datatype == "BYTES" and raw[:4] == (1).to_bytes(4, "little")
+    assert TensorDecoder("m", "s", pa.utf8()).from_raw(raw, 3).equals(strings)
+
+
+# --- request validation ---------------------------------------------------------------------------
+
+
+def test_prepare_and_assemble_match_onnxruntime(models_dir):
+    entry = load(models_dir / "two_tower.onnx")
+    batch, feeds = two_tower_batch(10)
+    contract = entry.contract
+    prepared = contract.prepare(batch)
+    selected = contract.select_outputs(["score"])
+    results = entry.backend.run([b.tensor for b in selected], prepared.feeds, "two_tower")
+    out = contract.assemble(prepared, selected, results)
+    assert out.schema.names == ["user_id", "item_id", "score"]
+    ref = reference(models_dir / "two_tower.onnx", feeds, ["score"])["score"]
+    np.testing.assert_array_equal(out.column("score").to_numpy(), ref)
+
+
+def test_list_child_field_name_is_ignored(models_dir):
+    entry = load(models_dir / "tabular.onnx")
+    batch, _ = tabular_batch(3)
+    values = batch.column("features").flatten()
+    renamed = pa.FixedSizeListArray.from_arrays(values, type=pa.list_(pa.field("element", pa.float32()), 4))
+    prepared = entry.contract.prepare(batch.set_column(1, "features", renamed))
+    assert prepared.feeds["numeric"].shape == (3, 4)
+
+
+def test_null_error_names_column_and_first_null_row(models_dir):
+    entry = load(models_dir / "tabular.onnx")
+    batch, _ = tabular_batch(6)
+    bad = batch.set_column(2, "category", pa.array([1, 2, 3, 4, None, None], pa.int64()))
+    with pytest.raises(InvalidInput) as info:
+        entry.contract.prepare(bad)
+    assert info.value.details == {"model": "tabular", "column": "category", "row": 4}
+
+
+# --- load-time checks -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("manifest,expected", [
+    ('[[inputs]]\nname = "features"\ntype = "fixed_size_list<float64>[4]"\ntensor = "numeric"\n'
+     '[[inputs]]\nname = "category"\ntype = "int64"\n[[outputs]]\nname = "s"\ntype = "float32"\ntensor = "probability"\n',
+     "manifest input 'features' is fixed_size_list<float64>[4] but ONNX input 'numeric' is tensor(float)"),
+    ('[[inputs]]\nname = "features"\ntype = "fixed_size_list<float32>[5]"\ntensor = "numeric"\n'
+     '[[inputs]]\nname = "category"\ntype = "int64"\n[[outputs]]\nname = "s"\ntype = "float32"\ntensor = "probability"\n',
+     "manifest input 'features' has per-row shape [5] but ONNX input 'numeric' has shape [-1,4]"),
+    ('[[inputs]]\nname = "features"\ntype = "fixed_size_list<float32>[4]"\ntensor = "numeric"\n'
+     '[[outputs]]\nname = "s"\ntype = "float32"\ntensor = "probability"\n',
+     "ONNX input 'category' is not fed by any manifest input column"),
+    ('[[inputs]]\nname = "features"\ntype = "fixed_size_list<float32>[4]"\ntensor = "nums"\n'
+     '[[inputs]]\nname = "category"\ntype = "int64"\n[[outputs]]\nname = "s"\ntype = "float32"\ntensor = "probability"\n',
+     "manifest input 'features' maps to tensor 'nums', but the model has no such input; ONNX inputs: numeric, category"),
+    ('[[inputs]]\nname = "features"\ntype = "fixed_size_list<float32>[4]"\ntensor = "numeric"\n'
+     '[[inputs]]\nname = "category"\ntype = "int64"\n[[outputs]]\nname = "s"\ntype = "fixed_size_list<float32>[3]"\n'
+     'tensor = "probability"\n',
+     "manifest output 's' has per-row shape [3] but ONNX output 'probability' has shape [-1,1]"),
+    ('[[inputs]]\nname = "features"\ntype = "fixed_size_list<float32>[4]"\ntensor = "numeric"\n'
+     '[[inputs]]\nname = "category"\ntype = "int64"\n',
+     "at least one [[outputs]] column is required"),
+])
+def test_manifest_is_checked_against_the_model_at_load(models_dir, tmp_path, manifest, expected):
+    entry = load(models_dir / "tabular.onnx", manifest, tmp_path)
+    assert entry.state is ModelState.UNAVAILABLE
+    assert expected in entry.reason
+
+
+def test_derived_contract_without_manifest(models_dir):
+    entry = load(models_dir / "dtypes.onnx")
+    schema = entry.contract.input_schema
+    assert schema.field("x64").type == pa.float64()
+    assert schema.field("i64x3").type == pa.list_(pa.int64(), 3)
+    assert schema.field("f32x2x3").type == pa.list_(pa.list_(pa.float32(), 3), 2)
+    assert schema.field("flag").type == pa.bool_()
+    assert entry.contract.from_manifest is False
+
+
+def test_unsupported_input_type_is_a_clear_load_error(tmp_path):
+    from onnx import TensorProto, helper
+
+    from models import _save
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "K"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "K"])],
+    )
+    path = _save(graph, tmp_path / "dyn.onnx")
+    entry = load(path)
+    assert entry.state is ModelState.UNAVAILABLE
+    assert "ONNX input 'x' has shape [-1,-1] with a dynamic non-batch dimension" in entry.reason
+    ok = load(path, '[[inputs]]\nname = "x"\ntype = "fixed_size_list<float32>[3]"\n'
+                    '[[outputs]]\nname = "y"\ntype = "fixed_size_list<float32>[3]"\n', tmp_path)
+    assert ok.state is ModelState.READY
+    x = fsl(np.ones((2, 3), np.float32))
+    prepared = ok.contract.prepare(pa.record_batch({"x": x}))
+    selected = ok.contract.select_outputs(None)
+    out = ok.contract.assemble(prepared, selected, ok.backend.run(["y"], prepared.feeds, "dyn"))
+    assert out.column("y").equals(x)
