@@ -146,3 +146,14 @@ def test_bad_manifest_fails_that_model_only(tmp_path, models_dir):
     assert bad.state is ModelState.UNAVAILABLE
     assert "model 't', inputs[0] ('x') key 'type': unknown Arrow type 'float128'" in bad.reason
     assert registry.find("ok").state is ModelState.READY
+
+
+def test_shipped_example_configs_load_and_serve():
+    from iskander.registry import ModelRegistry, ModelState
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert configs
+    for cfg in configs:
+        registry = ModelRegistry(load_config(cfg).models)
+        registry.load_all()
+        assert all(e.state is ModelState.READY for e in registry.all()), (cfg, [e.reason for e in registry.all()])

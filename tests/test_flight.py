@@ -272,3 +272,23 @@ def test_broken_model_is_unavailable_while_others_serve(faulty_server, models_di
     assert health["ready"] is False
     assert {"name": "broken", "version": "1", "state": "UNAVAILABLE"} in health["models"]
     c.close()
+
+
+def test_sigterm_stops_the_server_cleanly(models_dir, tmp_path):
+    import signal
+
+    from conftest import start_server, stop_server
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[[models]]\nname = "tabular"\npath = "{models_dir}/tabular.onnx"\n')
+    running = start_server(config, tmp_path / "server.log")
+    try:
+        c = flight.connect(running.flight_uri)
+        batch, _ = tabular_batch(2)
+        assert exchange(c, flight.FlightDescriptor.for_path("tabular"), [batch])[0].num_rows == 2
+        c.close()
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=20) == 0
+        assert "stopped" in running.log()
+    finally:
+        stop_server(running.process)
