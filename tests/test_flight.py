@@ -277,11 +277,11 @@ def test_broken_model_is_unavailable_while_others_serve(faulty_server, models_di
 def test_sigterm_stops_the_server_cleanly(models_dir, tmp_path):
     import signal
 
-    from conftest import start_server, stop_server
+    from iskander.launch import spawn_server
 
     config = tmp_path / "config.toml"
     config.write_text(f'[[models]]\nname = "tabular"\npath = "{models_dir}/tabular.onnx"\n')
-    running = start_server(config, tmp_path / "server.log")
+    running = spawn_server(config, tmp_path / "server.log")
     try:
         c = flight.connect(running.flight_uri)
         batch, _ = tabular_batch(2)
@@ -291,4 +291,4 @@ def test_sigterm_stops_the_server_cleanly(models_dir, tmp_path):
         assert running.process.wait(timeout=20) == 0
         assert "stopped" in running.log()
     finally:
-        stop_server(running.process)
+        running.stop()
