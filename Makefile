@@ -9,13 +9,14 @@ GRPC_PORT   ?= 8001
 CONFIG      ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install install-dev serve test proto demo-models clean
+.PHONY: help install install-dev serve test proto demo-models bench-overhead clean
 
 help:
 	@echo "make serve   install (first run) and serve the demo models: Flight :$(FLIGHT_PORT), gRPC :$(GRPC_PORT)"
 	@echo "make test    install with dev extras (first run) and run the test suite"
 	@echo "make proto   regenerate iskander/_proto from proto/*.proto"
 	@echo "make demo-models  rebuild the demo ONNX models shipped in iskander/demo"
+	@echo "make bench-overhead  closed-loop per-request overhead vs onnxruntime in process (BATCH=128)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,11 @@ proto: $(VENV)/.installed-dev
 
 demo-models: $(VENV)/.installed-dev
 	$(PY) -m iskander.demo.build
+
+# Closed-loop overhead probe (not part of `make test`); writes bench/results/<date>/overhead_b<batch>.json
+BATCH ?= 128
+bench-overhead: $(VENV)/.installed-dev
+	$(PY) bench/overhead.py --batch $(BATCH)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

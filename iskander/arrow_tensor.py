@@ -7,10 +7,24 @@ other way: a contiguous numpy result is wrapped as an Arrow buffer without copyi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 
 from .arrow_types import STRING_TYPES, element_type, row_shape
+
+
+def list_values(arr: pa.FixedSizeListArray) -> pa.Array:
+    """The child values of exactly these rows, without copying.
+
+    Cheaper than ``flatten()`` (which always builds a new slice) on the common unsliced array.
+    """
+    size = arr.type.list_size
+    values = arr.values
+    if arr.offset or len(values) != len(arr) * size:
+        values = values.slice(arr.offset * size, len(arr) * size)
+    return values
 
 
 def first_null_row(arr: pa.Array) -> int | None:
@@ -19,40 +33,45 @@ def first_null_row(arr: pa.Array) -> int | None:
         return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
     t = arr.type
     if pa.types.is_fixed_size_list(t):
-        flat = arr.flatten()
-        row = first_null_row(flat)
+        row = first_null_row(list_values(arr))
         if row is not None:
             return row // t.list_size
     return None
 
 
-def has_nulls(arr: pa.Array) -> bool:
-    while True:
+class NullValues(Exception):
+    """Raised by a reader when the column (or a list element in it) holds a null."""
+
+
+Reader = Callable[[pa.Array], np.ndarray]
+
+
+def compile_reader(arrow_type: pa.DataType, unit_dim: bool = False) -> Reader:
+    """A function column -> tensor [N, *row_shape] (or [N, 1] with ``unit_dim``), built once per
+    contract column so the request path does no type inspection. Raises NullValues on nulls."""
+    depth = len(row_shape(arrow_type))
+    elem = element_type(arrow_type)
+    tail = row_shape(arrow_type) or ((1,) if unit_dim else ())
+    zero_copy = not (elem in STRING_TYPES or pa.types.is_boolean(elem))  # bit-packed/str: one copy
+
+    def read(arr: pa.Array) -> np.ndarray:
         if arr.null_count:
-            return True
-        if not pa.types.is_fixed_size_list(arr.type):
-            return False
-        arr = arr.flatten()
+            raise NullValues
+        n = len(arr)
+        flat = arr
+        for _ in range(depth):
+            flat = list_values(flat)
+            if flat.null_count:
+                raise NullValues
+        values = flat.to_numpy(zero_copy_only=zero_copy)
+        return values.reshape(n, *tail) if tail else values
+
+    return read
 
 
 def to_ndarray(arr: pa.Array) -> np.ndarray:
-    """Tensor of shape [N, *row_shape] for a null-free column (caller checks nulls first)."""
-    t = arr.type
-    n = len(arr)
-    dims = row_shape(t)
-    flat = arr
-    for _ in dims:
-        flat = flat.flatten()  # honours slice offsets; no copy
-    elem = flat.type
-    if elem in STRING_TYPES:
-        values = flat.to_numpy(zero_copy_only=False)  # object array of str/bytes: ORT's string tensor
-    elif pa.types.is_boolean(elem):
-        values = flat.to_numpy(zero_copy_only=False)  # bit-packed -> one byte per value (copy)
-    else:
-        values = flat.to_numpy(zero_copy_only=True)
-    if dims:
-        return values.reshape((n, *dims))
-    return values
+    """Tensor of shape [N, *row_shape] for a null-free column (see compile_reader)."""
+    return compile_reader(arr.type)(arr)
 
 
 def from_ndarray(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:

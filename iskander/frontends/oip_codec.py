@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from ..arrow_tensor import list_values
 from ..arrow_types import STRING_TYPES, element_type, row_shape
 from ..errors import InvalidInput, Unimplemented
 
@@ -229,7 +230,7 @@ def encode_column(array: pa.Array) -> tuple[str, list[int], bytes]:
     dims: list[int] = []
     while pa.types.is_fixed_size_list(flat.type):
         dims.append(flat.type.list_size)
-        flat = flat.flatten()
+        flat = list_values(flat)
     if pa.types.is_list(flat.type):  # run-time sized rows: all rows must agree to form a tensor
         lengths = np.diff(flat.offsets.to_numpy())
         width = int(lengths[0]) if n else 0
