@@ -4,22 +4,24 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-FLIGHT_PORT ?= 50051
-GRPC_PORT   ?= 8001
+FLIGHT_PORT ?=
+GRPC_PORT   ?=
 CONFIG      ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install install-dev serve test proto demo-models bench-overhead clean
 
 help:
-	@echo "make serve   install (first run) and serve the demo models: Flight :$(FLIGHT_PORT), gRPC :$(GRPC_PORT)"
+	@echo "make serve   install (first run) and serve the demo models: Flight :50051, gRPC :8001"
+	@echo "             (CONFIG=file.toml, FLIGHT_PORT=, GRPC_PORT= override)"
 	@echo "make test    install with dev extras (first run) and run the test suite"
 	@echo "make proto   regenerate iskander/_proto from proto/*.proto"
 	@echo "make demo-models  rebuild the demo ONNX models shipped in iskander/demo"
 	@echo "make bench-overhead  closed-loop per-request overhead vs onnxruntime in process (BATCH=128)"
 
+# venv needs ensurepip (python3-venv on Debian/Ubuntu); fall back to virtualenv from PyPI.
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); $(PYTHON) -m pip install --user -q virtualenv && $(PYTHON) -m virtualenv -q $(VENV); }
 	$(PIP) install --upgrade pip
 
 # Stamp files: reinstall only when pyproject.toml changes.
@@ -35,7 +37,8 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 serve: $(VENV)/.installed
-	$(PY) -m iskander --flight-port $(FLIGHT_PORT) --grpc-port $(GRPC_PORT) $(if $(CONFIG),--config $(CONFIG),)
+	$(PY) -m iskander $(if $(CONFIG),--config $(CONFIG),) $(if $(FLIGHT_PORT),--flight-port $(FLIGHT_PORT),) \
+		$(if $(GRPC_PORT),--grpc-port $(GRPC_PORT),)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

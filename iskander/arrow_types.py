@@ -1,7 +1,8 @@
 """Arrow type names used in manifests, and the Arrow <-> ONNX element type tables.
 
 Manifest type strings: primitive names (``float32``, ``int64``, ``utf8``, ...) and
-``fixed_size_list<T>[k]`` (nestable, e.g. ``fixed_size_list<fixed_size_list<float32>[3]>[16]``).
+``fixed_size_list<T>[k]`` (nestable, e.g. ``fixed_size_list<fixed_size_list<float32>[3]>[16]``), and
+``list<T>`` for outputs whose per-row size is known only at run time.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ ONNX_TO_ARROW: dict[str, pa.DataType] = {
 STRING_TYPES = (pa.utf8(), pa.large_utf8(), pa.binary(), pa.large_binary())
 
 _FSL = re.compile(r"^fixed_size_list\s*<(?P<inner>.+)>\s*\[\s*(?P<size>\d+)\s*\]$")
+_LIST = re.compile(r"^list\s*<(?P<inner>.+)>$")
 
 
 def parse_type(text: str) -> pa.DataType:
@@ -75,9 +77,12 @@ def parse_type(text: str) -> pa.DataType:
         if size < 1:
             raise ValueError(f"fixed_size_list size must be >= 1 in {text!r}")
         return pa.list_(parse_type(m.group("inner")), size)
+    m = _LIST.match(s)
+    if m:
+        return pa.list_(parse_type(m.group("inner")))
     raise ValueError(
         f"unknown Arrow type {text!r}; use a primitive ({', '.join(sorted(set(PRIMITIVE_TYPES)))}) "
-        "or fixed_size_list<T>[k]"
+        "or fixed_size_list<T>[k] or list<T>"
     )
 
 

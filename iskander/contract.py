@@ -38,6 +38,8 @@ class InputBinding:
     type: pa.DataType
     tensor: str
     add_unit_dim: bool  # primitive column feeding an [N, 1] tensor
+    fixed_rows: int | None  # the ONNX input has a static batch dimension
+    description: str
     read: Reader = attrs.field(eq=False, repr=False)  # column -> tensor, compiled at load
 
 
@@ -48,6 +50,7 @@ class OutputBinding:
     tensor: str
     row_shape: tuple[int, ...] | None  # None for list<T> outputs (size known only at run time)
     squeeze_unit_dim: bool  # [N, 1] tensor -> primitive column
+    description: str = ""
 
 
 @attrs.frozen
@@ -57,6 +60,12 @@ class Prepared:
     rows: int
     feeds: dict[str, np.ndarray]
     passthrough: dict[str, pa.Array]
+
+
+def _field(binding: InputBinding | OutputBinding) -> pa.Field:
+    """Schema field of a model column; the manifest's description travels as field metadata."""
+    meta = {"description": binding.description} if binding.description else None
+    return pa.field(binding.column, binding.type, nullable=False, metadata=meta)
 
 
 def types_compatible(got: pa.DataType, expected: pa.DataType) -> bool:
@@ -76,6 +85,14 @@ def _elem_matches(col_elem: pa.DataType, tensor_elem: pa.DataType | None) -> boo
     if tensor_elem == pa.utf8():
         return col_elem in STRING_TYPES
     return col_elem == tensor_elem
+
+
+def _nested(t: pa.DataType) -> list[pa.DataType]:
+    out = []
+    while pa.types.is_fixed_size_list(t) or pa.types.is_list(t):
+        t = t.value_type
+        out.append(t)
+    return out
 
 
 def _numpy_dtype(t: pa.DataType) -> np.dtype:
@@ -102,12 +119,8 @@ class Contract:
         self.outputs = tuple(outputs)
         self.passthrough = tuple(passthrough)
         self.from_manifest = from_manifest
-        self.input_schema = pa.schema(
-            list(self.passthrough) + [pa.field(b.column, b.type, nullable=False) for b in self.inputs]
-        )
-        self.output_schema = pa.schema(
-            list(self.passthrough) + [pa.field(b.column, b.type, nullable=False) for b in self.outputs]
-        )
+        self.input_schema = pa.schema(list(self.passthrough) + [_field(b) for b in self.inputs])
+        self.output_schema = pa.schema(list(self.passthrough) + [_field(b) for b in self.outputs])
         self.output_names = tuple(b.column for b in self.outputs)
         self._outputs_by_name = {b.column: b for b in self.outputs}
         self._expected = {f.name: f.type for f in self.input_schema}
@@ -163,6 +176,12 @@ class Contract:
         feeds: dict[str, np.ndarray] = {}
         for binding, i in zip(self.inputs, input_idx):
             column = batch.column(i)
+            if binding.fixed_rows is not None and len(column) != binding.fixed_rows:
+                raise InvalidInput(
+                    f"model '{self.model}' takes exactly {binding.fixed_rows} rows per batch (ONNX input "
+                    f"'{binding.tensor}' has a fixed batch dimension), got {len(column)}",
+                    model=self.model, column=binding.column, expected=binding.fixed_rows, got=len(column),
+                )
             try:
                 feeds[binding.tensor] = binding.read(column)
             except NullValues:
@@ -179,7 +198,7 @@ class Contract:
         if not requested:
             return self.outputs
         selected = []
-        for name in requested:
+        for name in dict.fromkeys(requested):  # a name asked for twice is answered once
             binding = self._outputs_by_name.get(name)
             if binding is None:
                 if any(f.name == name for f in self.passthrough):
@@ -203,7 +222,7 @@ class Contract:
             fields.append(field)
         for binding, result in zip(selected, results):
             arrays.append(self._output_array(binding, result, n))
-            fields.append(pa.field(binding.column, binding.type, nullable=False))
+            fields.append(_field(binding))
         schema = self.output_schema if len(selected) == len(self.outputs) else pa.schema(fields)
         return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
@@ -235,6 +254,11 @@ class Contract:
 
 
 def _check_input(model: str, spec: ColumnSpec, info: TensorInfo) -> InputBinding:
+    if pa.types.is_list(spec.type) or any(pa.types.is_list(t) for t in _nested(spec.type)):
+        raise ModelLoadError(
+            f"manifest input '{spec.name}' is {type_name(spec.type)}: variable-size lists are for outputs; "
+            "declare fixed_size_list<T>[k]"
+        )
     col_elem = element_type(spec.type)
     if not _elem_matches(col_elem, info.elem):
         raise ModelLoadError(
@@ -260,6 +284,7 @@ def _check_input(model: str, spec: ColumnSpec, info: TensorInfo) -> InputBinding
         )
     return InputBinding(
         column=spec.name, type=spec.type, tensor=info.name, add_unit_dim=add_unit,
+        fixed_rows=info.shape[0] if info.shape else None, description=spec.description,
         read=compile_reader(spec.type, unit_dim=add_unit),
     )
 
@@ -275,7 +300,7 @@ def _check_output(model: str, spec: ColumnSpec, info: TensorInfo) -> OutputBindi
     if pa.types.is_list(spec.type):
         if rank < 2:
             raise ModelLoadError(f"manifest output '{spec.name}' is a list but ONNX output '{info.name}' has rank {rank}")
-        return OutputBinding(spec.name, spec.type, info.name, row_shape=None, squeeze_unit_dim=False)
+        return OutputBinding(spec.name, spec.type, info.name, None, False, spec.description)
     dims = row_shape(spec.type)
     if rank == 1 + len(dims):
         for want, have in zip(dims, info.shape[1:]):
@@ -284,9 +309,9 @@ def _check_output(model: str, spec: ColumnSpec, info: TensorInfo) -> OutputBindi
                     f"manifest output '{spec.name}' has per-row shape {list(dims)} but ONNX output "
                     f"'{info.name}' has shape {_dims_str(info.shape)}"
                 )
-        return OutputBinding(spec.name, spec.type, info.name, row_shape=dims, squeeze_unit_dim=False)
+        return OutputBinding(spec.name, spec.type, info.name, dims, False, spec.description)
     if not dims and rank == 2 and info.shape[1] in (1, None):
-        return OutputBinding(spec.name, spec.type, info.name, row_shape=(), squeeze_unit_dim=True)
+        return OutputBinding(spec.name, spec.type, info.name, (), True, spec.description)
     raise ModelLoadError(
         f"manifest output '{spec.name}' ({type_name(spec.type)}) does not fit ONNX output '{info.name}' "
         f"of shape {_dims_str(info.shape)}"
@@ -296,10 +321,8 @@ def _check_output(model: str, spec: ColumnSpec, info: TensorInfo) -> OutputBindi
 def _derived_type(info: TensorInfo, role: str) -> pa.DataType:
     elem = info.elem
     if elem is None:
-        raise ModelLoadError(
-            f"ONNX {role} '{info.name}' has type {info.onnx_type}, which has no Arrow column type; "
-            "declare the model's columns in a manifest"
-        )
+        hint = "Iskander cannot feed it" if role == "input" else "leave it out of a manifest's [[outputs]]"
+        raise ModelLoadError(f"ONNX {role} '{info.name}' has type {info.onnx_type}, which has no Arrow column type; {hint}")
     if len(info.shape) == 0:
         raise ModelLoadError(f"ONNX {role} '{info.name}' is a scalar (no batch dimension); it cannot map to a column")
     rest = info.shape[1:]
@@ -360,5 +383,8 @@ def compile_contract(
             )
         outputs.append(_check_output(model, spec, info))
 
-    passthrough = [pa.field(s.name, s.type, nullable=True) for s in pass_specs]
+    passthrough = [
+        pa.field(s.name, s.type, nullable=True, metadata={"description": s.description} if s.description else None)
+        for s in pass_specs
+    ]
     return Contract(model, inputs, outputs, passthrough, from_manifest=manifest is not None)

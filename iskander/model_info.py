@@ -14,12 +14,17 @@ def schema_fields(schema: pa.Schema) -> list[dict[str, Any]]:
     return [{"name": f.name, "type": type_name(f.type), "nullable": f.nullable} for f in schema]
 
 
+def ready_versions(registry: ModelRegistry, name: str) -> list[str]:
+    """Versions that can serve now (what both OIP ModelMetadata and Flight metadata list)."""
+    return [v.version for v in registry.versions(name) if v.state is ModelState.READY]
+
+
 def describe(entry: ModelVersion, registry: ModelRegistry) -> dict[str, Any]:
     """JSON-able metadata of one model version: state, versions and both schemas."""
     info: dict[str, Any] = {
         "name": entry.name,
         "version": entry.version,
-        "versions": [v.version for v in registry.versions(entry.name)],
+        "versions": ready_versions(registry, entry.name),
         "state": entry.state.value,
         "platform": "onnxruntime_onnx",
     }

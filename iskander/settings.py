@@ -226,6 +226,8 @@ def _parse_server(table: Any, source: Path | str) -> ServerSettings:
     if not 1024 <= max_bytes <= 2**31 - 1:
         raise where.error("server.max_message_bytes", f"must be in 1024..2147483647, got {max_bytes}")
     grace = _typed(where, table, "grace_seconds", (int, float), d.grace_seconds)
+    if grace < 0:
+        raise where.error("server.grace_seconds", f"must be >= 0, got {grace}")
     return ServerSettings(
         host=_typed(where, table, "host", str, d.host),
         grpc_workers=workers,

@@ -157,3 +157,22 @@ def test_shipped_example_configs_load_and_serve():
         registry = ModelRegistry(load_config(cfg).models)
         registry.load_all()
         assert all(e.state is ModelState.READY for e in registry.all()), (cfg, [e.reason for e in registry.all()])
+
+
+@pytest.mark.parametrize("flag", ["--flight-port", "--grpc-port"])
+def test_port_in_use_is_a_clear_start_error(tmp_path, models_dir, flag):
+    import socket
+
+    cfg = write(tmp_path, f'[[models]]\nname = "t"\npath = "{models_dir}/tabular.onnx"\n')
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = {"--flight-port": "0", "--grpc-port": "0", flag: str(port)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "iskander", "--config", str(cfg), *[x for kv in args.items() for x in kv]],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert proc.returncode != 0
+    assert f"cannot bind the" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr

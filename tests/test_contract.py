@@ -192,3 +192,55 @@ def test_unsupported_input_type_is_a_clear_load_error(tmp_path):
     selected = ok.contract.select_outputs(None)
     out = ok.contract.assemble(prepared, selected, ok.backend.run(["y"], prepared.feeds, "dyn"))
     assert out.column("y").equals(x)
+
+
+def _identity_model(tmp_path: Path, in_shape: list, out_shape: list) -> Path:
+    from onnx import TensorProto, helper
+
+    from models import _save
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+    )
+    return _save(graph, tmp_path / "identity.onnx")
+
+
+def test_fixed_batch_dimension_is_checked_before_running(tmp_path):
+    entry = load(_identity_model(tmp_path, [1, 3], [1, 3]))
+    assert entry.state is ModelState.READY
+    batch = pa.record_batch({"x": fsl(np.ones((2, 3), np.float32))})
+    with pytest.raises(InvalidInput) as info:
+        entry.contract.prepare(batch)
+    assert info.value.message == (
+        "model 'identity' takes exactly 1 rows per batch (ONNX input 'x' has a fixed batch dimension), got 2"
+    )
+    assert entry.contract.prepare(batch.slice(0, 1)).rows == 1
+
+
+def test_list_output_and_descriptions(tmp_path):
+    from iskander.frontends.oip_codec import encode_column, oip_shape
+
+    path = _identity_model(tmp_path, ["N", 3], ["N", "K"])
+    entry = load(path, '[[inputs]]\nname = "x"\ntype = "fixed_size_list<float32>[3]"\ndescription = "three floats"\n'
+                       '[[outputs]]\nname = "y"\ntype = "list<float32>"\n', tmp_path)
+    assert entry.state is ModelState.READY, entry.reason
+    contract = entry.contract
+    assert contract.input_schema.field("x").metadata == {b"description": b"three floats"}
+    assert contract.output_schema.field("y").type == pa.list_(pa.float32())
+    assert oip_shape(contract.output_schema.field("y").type) == [-1, -1]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    prepared = contract.prepare(pa.record_batch({"x": fsl(x)}))
+    out = contract.assemble(prepared, contract.outputs, entry.backend.run(["y"], prepared.feeds, "identity"))
+    assert out.column("y").to_pylist() == x.tolist()
+    datatype, shape, raw = encode_column(out.column("y"))
+    assert (datatype, shape) == ("FP32", [2, 3]) and raw == x.tobytes()
+
+
+def test_variable_list_input_is_refused_at_load(tmp_path):
+    path = _identity_model(tmp_path, ["N", 3], ["N", 3])
+    entry = load(path, '[[inputs]]\nname = "x"\ntype = "list<float32>"\n'
+                       '[[outputs]]\nname = "y"\ntype = "fixed_size_list<float32>[3]"\n', tmp_path)
+    assert entry.state is ModelState.UNAVAILABLE
+    assert "manifest input 'x' is list<float32>: variable-size lists are for outputs" in entry.reason

@@ -355,3 +355,10 @@ def test_unimplemented_rpc_says_so(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.TraceSetting(service_pb2.TraceSettingRequest(), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_output_requested_twice_is_answered_once(client):
+    inputs, _, _ = two_tower_inputs(2)
+    outs = [triton.InferRequestedOutput("score"), triton.InferRequestedOutput("score")]
+    result = client.infer("two_tower", inputs, outputs=outs)
+    assert [o.name for o in result.get_response().outputs] == ["score"]

@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.flight as flight
 
 from ..core import InferenceCore
@@ -160,4 +161,9 @@ class FlightFrontend(flight.FlightServerBase):
 
 
 def make_flight_server(core: InferenceCore, host: str, port: int) -> FlightFrontend:
-    return FlightFrontend(core, f"grpc://{host}:{port}")
+    try:
+        return FlightFrontend(core, f"grpc://{host}:{port}")
+    except pa.ArrowException as exc:  # pyarrow says only "Server did not start properly"
+        raise OSError(
+            f"cannot bind the Arrow Flight port {host}:{port} (in use, or not an address of this machine)"
+        ) from exc

@@ -18,6 +18,7 @@ from .._proto import grpc_service_pb2 as pb
 from .._proto import grpc_service_pb2_grpc as pb_grpc
 from ..core import SERVER_NAME, InferenceCore, server_version
 from ..errors import InvalidInput
+from ..model_info import ready_versions
 from ..registry import ModelState, ModelVersion
 from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape
 from .oip_errors import grpc_errors
@@ -91,7 +92,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=entry.name,
-            versions=[v.version for v in self.core.registry.versions(entry.name) if v.state is ModelState.READY],
+            versions=ready_versions(self.core.registry, entry.name),
             platform="onnxruntime_onnx",
             inputs=[tensor(name=f.name, datatype=oip_datatype(f.type), shape=oip_shape(f.type))
                     for f in entry.contract.input_schema],
@@ -152,7 +153,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = request.model_name
         entry = self.core.model(model, request.model_version or None)
         batch = self._to_batch(request, self._codec(entry), model)
-        requested: Sequence[str] = [o.name for o in request.outputs]
+        requested: Sequence[str] = list(dict.fromkeys(o.name for o in request.outputs))
         result = self.core.infer(model, entry.version, batch, outputs=requested or None)
         out = result.batch
         response = pb.ModelInferResponse(model_name=model, model_version=result.version, id=request.id)
@@ -182,9 +183,12 @@ def make_grpc_server(
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio >= 1.60 raises instead of returning 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind the gRPC port {host}:{port}")
+        raise OSError(f"cannot bind the OIP gRPC port {host}:{port} (in use, or not an address of this machine)")
     return server, bound, health_servicer
 
 

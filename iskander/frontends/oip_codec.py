@@ -84,6 +84,8 @@ def oip_datatype(arrow_type: pa.DataType) -> str:
 
 def oip_shape(arrow_type: pa.DataType) -> list[int]:
     """Metadata shape with the batch dimension as -1 (one-value-per-row columns as [-1, 1])."""
+    if pa.types.is_list(arrow_type):
+        return [-1, -1]  # per-row size known only at run time
     dims = row_shape(arrow_type)
     return [-1, *dims] if dims else [-1, 1]
 
