@@ -67,6 +67,9 @@ CONTENTS_FIELD: dict[str, str] = {
 }
 
 
+_U32 = struct.Struct("<I")
+
+
 def oip_datatype(arrow_type: pa.DataType) -> str:
     """OIP datatype of a column's element type (timestamps and dates travel as their integers)."""
     elem = element_type(arrow_type)
@@ -130,7 +133,7 @@ class TensorDecoder:
     def from_raw(self, data: bytes, rows: int) -> pa.Array:
         count = rows * self.per_row
         if self.datatype == "BYTES":
-            flat = self._bytes_array(_split_bytes(data, count, self.column, self.model))
+            flat = _raw_bytes_to_arrow(data, count, self.elem, self.column, self.model)
         else:
             dtype = RAW_DTYPE[self.datatype]
             if len(data) != count * dtype.itemsize:
@@ -192,13 +195,26 @@ class TensorDecoder:
         return out
 
 
-def _split_bytes(data: bytes, count: int, column: str, model: str) -> list[bytes]:
-    """Raw BYTES: each element is a little-endian uint32 length followed by that many bytes."""
-    items = []
-    offset = 0
+def _equal_lengths(raw: np.ndarray, count: int) -> np.ndarray | None:
+    """Fast path when every element has the same length (ids, hashes, generated load): the
+    prefixes sit on a fixed stride and are checked in one vectorised comparison."""
+    if count == 0 or raw.size < 4:
+        return None
+    first = int(raw[:4].view("<u4")[0])
+    if raw.size != count * (4 + first):
+        return None
+    prefixes = raw.reshape(count, 4 + first)[:, :4]
+    if not (np.ascontiguousarray(prefixes).view("<u4").reshape(-1) == first).all():
+        return None
+    return np.full(count, first, dtype=np.int64)
+
+
+def _walk_lengths(data: bytes, count: int, column: str, model: str) -> np.ndarray:
     size = len(data)
-    view = memoryview(data)
-    unpack = struct.Struct("<I").unpack_from
+    unpack = _U32.unpack_from
+    lengths = []
+    append = lengths.append
+    offset = 0
     for i in range(count):
         if offset + 4 > size:
             raise InvalidInput(
@@ -213,14 +229,76 @@ def _split_bytes(data: bytes, count: int, column: str, model: str) -> list[bytes
                 f"{size - offset} remain",
                 model=model, column=column,
             )
-        items.append(bytes(view[offset:offset + length]))
+        append(length)
         offset += length
     if offset != size:
         raise InvalidInput(
             f"input '{column}' for model '{model}': {size - offset} bytes left after {count} BYTES elements",
             model=model, column=column,
         )
-    return items
+    return np.array(lengths, dtype=np.int64)
+
+
+def _raw_bytes_to_arrow(data: bytes, count: int, elem: pa.DataType, column: str, model: str) -> pa.Array:
+    """Raw BYTES (each element: little-endian uint32 length, then the bytes) -> one Arrow string or
+    binary array. Payloads are gathered in one numpy copy; only variable lengths need a Python walk."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    lengths = _equal_lengths(raw, count)
+    if lengths is not None:
+        values = raw.reshape(count, -1)[:, 4:].reshape(-1)
+    else:
+        lengths = _walk_lengths(data, count, column, model)
+        keep = np.ones(raw.size, dtype=bool)
+        prefix_at = np.arange(count, dtype=np.int64) * 4
+        prefix_at[1:] += np.cumsum(lengths[:-1])
+        keep[(prefix_at[:, None] + np.arange(4)).reshape(-1)] = False
+        values = raw[keep]
+    large = elem in (pa.large_utf8(), pa.large_binary())
+    if not large and values.size >= 2**31:
+        raise InvalidInput(
+            f"input '{column}' for model '{model}' holds {values.size} bytes of strings; a utf8/binary column "
+            "holds less than 2 GiB (declare large_utf8 or large_binary)",
+            model=model, column=column,
+        )
+    offsets = np.zeros(count + 1, dtype=np.int64 if large else np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    array = pa.Array.from_buffers(elem, count, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
+    if elem in (pa.utf8(), pa.large_utf8()):
+        try:
+            array.validate(full=True)  # checks the UTF-8 encoding
+        except pa.ArrowInvalid:
+            raise InvalidInput(
+                f"input '{column}' for model '{model}' holds bytes that are not valid UTF-8; the column is a "
+                "utf8 string column",
+                model=model, column=column,
+            ) from None
+    return array
+
+
+def _encode_bytes(flat: pa.Array) -> bytes:
+    """Arrow string/binary array -> raw BYTES, vectorised (nulls travel as empty elements)."""
+    n = len(flat)
+    large = flat.type in (pa.large_utf8(), pa.large_binary())
+    offsets = np.frombuffer(flat.buffers()[1], dtype=np.int64 if large else np.int32, count=flat.offset + n + 1)
+    offsets = offsets[flat.offset:].astype(np.int64)
+    lengths = np.diff(offsets)
+    if flat.null_count:
+        lengths = np.where(flat.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+        values = b"".join(v or b"" for v in flat.cast(pa.binary()).to_pylist())
+        payload = np.frombuffer(values, dtype=np.uint8)
+    else:
+        data = flat.buffers()[2]
+        payload = np.frombuffer(data, dtype=np.uint8)[offsets[0]:offsets[-1]] if data is not None \
+            else np.empty(0, np.uint8)
+    out = np.empty(4 * n + int(lengths.sum()), dtype=np.uint8)
+    prefix_at = np.arange(n, dtype=np.int64) * 4
+    prefix_at[1:] += np.cumsum(lengths[:-1])
+    prefix_idx = (prefix_at[:, None] + np.arange(4)).reshape(-1)
+    out[prefix_idx] = lengths.astype("<u4").view(np.uint8)
+    keep = np.ones(out.size, dtype=bool)
+    keep[prefix_idx] = False
+    out[keep] = payload
+    return out.tobytes()
 
 
 def encode_column(array: pa.Array) -> tuple[str, list[int], bytes]:
@@ -242,13 +320,7 @@ def encode_column(array: pa.Array) -> tuple[str, list[int], bytes]:
         flat = flat.flatten()
     shape = [n, *dims] if dims else [n, 1]
     if datatype == "BYTES":
-        parts = []
-        pack = struct.Struct("<I").pack
-        for value in flat.cast(pa.binary()).to_pylist():
-            value = value or b""  # OIP has no nulls: a null string travels as empty
-            parts.append(pack(len(value)))
-            parts.append(value)
-        return datatype, shape, b"".join(parts)
+        return datatype, shape, _encode_bytes(flat)
     if datatype == "BOOL":
         return datatype, shape, flat.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8).tobytes()
     if flat.null_count:
