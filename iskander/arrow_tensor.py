@@ -53,6 +53,7 @@ def compile_reader(arrow_type: pa.DataType, unit_dim: bool = False) -> Reader:
     elem = element_type(arrow_type)
     tail = row_shape(arrow_type) or ((1,) if unit_dim else ())
     zero_copy = not (elem in STRING_TYPES or pa.types.is_boolean(elem))  # bit-packed/str: one copy
+    extension = isinstance(elem, pa.ExtensionType)  # bfloat16: read the uint16 storage
 
     def read(arr: pa.Array) -> np.ndarray:
         if arr.null_count:
@@ -63,6 +64,8 @@ def compile_reader(arrow_type: pa.DataType, unit_dim: bool = False) -> Reader:
             flat = list_values(flat)
             if flat.null_count:
                 raise NullValues
+        if extension:
+            flat = flat.storage
         values = flat.to_numpy(zero_copy_only=zero_copy)
         return values.reshape(n, *tail) if tail else values
 
@@ -88,9 +91,13 @@ def from_ndarray(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
         flat_arr = pa.array(values.reshape(-1), type=elem)
     else:
         flat = np.ascontiguousarray(values).reshape(-1)
-        if flat.dtype != elem.to_pandas_dtype():
+        if isinstance(elem, pa.ExtensionType):
+            storage = pa.Array.from_buffers(elem.storage_type, flat.size, [None, pa.py_buffer(flat)])
+            flat_arr = pa.ExtensionArray.from_storage(elem, storage)
+        elif flat.dtype != elem.to_pandas_dtype():
             raise TypeError(f"tensor dtype {flat.dtype} does not match Arrow type {elem}")
-        flat_arr = pa.Array.from_buffers(elem, flat.size, [None, pa.py_buffer(flat)])
+        else:
+            flat_arr = pa.Array.from_buffers(elem, flat.size, [None, pa.py_buffer(flat)])
     if pa.types.is_list(arrow_type):
         per_row = int(np.prod(values.shape[1:])) if values.ndim > 1 else 1
         offsets = pa.array(np.arange(0, (n + 1) * per_row, per_row, dtype=np.int32))

@@ -12,6 +12,29 @@ import re
 import numpy as np
 import pyarrow as pa
 
+class BFloat16Type(pa.ExtensionType):
+    """bfloat16 values as their uint16 bit patterns: Arrow has no bfloat16 type of its own."""
+
+    def __init__(self) -> None:
+        super().__init__(pa.uint16(), "iskander.bfloat16")
+
+    def __arrow_ext_serialize__(self) -> bytes:
+        return b""
+
+    def __hash__(self) -> int:  # parameterless: every instance is the same type
+        return hash("iskander.bfloat16")
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type: pa.DataType, serialized: bytes) -> "BFloat16Type":
+        return cls()
+
+
+BFLOAT16 = BFloat16Type()
+try:
+    pa.register_extension_type(BFLOAT16)
+except pa.ArrowKeyError:  # already registered (module reloaded)
+    pass
+
 PRIMITIVE_TYPES: dict[str, pa.DataType] = {
     "bool": pa.bool_(),
     "int8": pa.int8(),
@@ -24,6 +47,7 @@ PRIMITIVE_TYPES: dict[str, pa.DataType] = {
     "uint64": pa.uint64(),
     "float16": pa.float16(),
     "halffloat": pa.float16(),
+    "bfloat16": BFLOAT16,
     "float32": pa.float32(),
     "float": pa.float32(),
     "float64": pa.float64(),
@@ -48,6 +72,7 @@ ONNX_TO_ARROW: dict[str, pa.DataType] = {
     "tensor(float)": pa.float32(),
     "tensor(double)": pa.float64(),
     "tensor(float16)": pa.float16(),
+    "tensor(bfloat16)": BFLOAT16,
     "tensor(int8)": pa.int8(),
     "tensor(int16)": pa.int16(),
     "tensor(int32)": pa.int32(),
@@ -94,7 +119,7 @@ def type_name(t: pa.DataType) -> str:
         return f"list<{type_name(t.value_type)}>"
     names = {
         pa.float32(): "float32", pa.float64(): "float64", pa.float16(): "float16",
-        pa.utf8(): "utf8", pa.large_utf8(): "large_utf8", pa.bool_(): "bool",
+        pa.utf8(): "utf8", pa.large_utf8(): "large_utf8", pa.bool_(): "bool", BFLOAT16: "bfloat16",
     }
     return names.get(t, str(t))
 
@@ -127,4 +152,6 @@ def numpy_dtype(elem: pa.DataType) -> np.dtype:
     """numpy dtype ONNX Runtime expects for an Arrow element type (object for strings)."""
     if elem in STRING_TYPES:
         return np.dtype(object)
+    if isinstance(elem, pa.ExtensionType):
+        elem = elem.storage_type
     return np.dtype(elem.to_pandas_dtype())

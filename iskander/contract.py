@@ -290,6 +290,11 @@ def _check_input(model: str, spec: ColumnSpec, info: TensorInfo) -> InputBinding
 
 
 def _check_output(model: str, spec: ColumnSpec, info: TensorInfo) -> OutputBinding:
+    if info.onnx_type == "tensor(bfloat16)":
+        raise ModelLoadError(
+            f"ONNX output '{info.name}' is tensor(bfloat16), which onnxruntime's Python API cannot return; "
+            "cast it to float32 in the model, or leave it out of a manifest's [[outputs]]"
+        )
     col_elem = element_type(spec.type)
     if not _elem_matches(col_elem, info.elem) or (info.elem == pa.utf8() and col_elem != pa.utf8()):
         raise ModelLoadError(

@@ -6,6 +6,7 @@ map ``IskanderError`` codes to their status codes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import attrs
@@ -13,6 +14,7 @@ import pyarrow as pa
 
 from .errors import InvalidInput
 from .registry import ModelRegistry, ModelVersion
+from .stats import Execution
 
 SERVER_NAME = "iskander"
 
@@ -52,15 +54,48 @@ class InferenceCore:
         version: str | None,
         batch: pa.RecordBatch,
         outputs: Sequence[str] | None = None,
+        received_ns: int | None = None,
     ) -> InferResult:
+        """Run one batch. ``received_ns`` (perf_counter_ns when the frontend got the request) lets
+        the statistics count the frontend's decoding as compute_input, as Triton does."""
+        entered = time.perf_counter_ns()
+        received = received_ns or entered
         entry = self.registry.get_ready(model, version)
-        contract, backend = entry.contract, entry.backend
-        assert contract is not None and backend is not None
-        if not isinstance(batch, pa.RecordBatch):
-            raise InvalidInput(f"model '{model}' expects an Arrow RecordBatch", model=model)
-        selected = contract.select_outputs(outputs)
-        prepared = contract.prepare(batch)
-        if prepared.rows == 0:
-            return InferResult(model, entry.version, contract.empty_output(prepared, selected))
-        results = backend.run([b.tensor for b in selected], prepared.feeds, model)
-        return InferResult(model, entry.version, contract.assemble(prepared, selected, results))
+        contract, backend, stats = entry.contract, entry.backend, entry.stats
+        assert contract is not None and backend is not None and stats is not None
+        try:
+            if not isinstance(batch, pa.RecordBatch):
+                raise InvalidInput(f"model '{model}' expects an Arrow RecordBatch", model=model)
+            limit = entry.settings.max_batch_size
+            if limit and batch.num_rows > limit:
+                raise InvalidInput(
+                    f"inference request batch-size must be <= {limit} for '{model}', got {batch.num_rows}",
+                    model=model, expected=limit, got=batch.num_rows,
+                )
+            selected = contract.select_outputs(outputs)
+            start = time.perf_counter_ns()  # no scheduler queue yet: queue is lookup time
+            prepared = contract.prepare(batch)
+            if prepared.rows == 0:
+                out = contract.empty_output(prepared, selected)
+                stats.record_success(time.perf_counter_ns() - received, None, 0)
+                return InferResult(model, entry.version, out)
+            prepared_at = time.perf_counter_ns()
+            results = backend.run([b.tensor for b in selected], prepared.feeds, model)
+            ran_at = time.perf_counter_ns()
+            out = contract.assemble(prepared, selected, results)
+            done = time.perf_counter_ns()
+        except Exception:  # client mistakes and server faults alike count as failures
+            stats.record_failure(time.perf_counter_ns() - received)
+            raise
+        stats.record_success(
+            done - received,
+            Execution(
+                queue_ns=start - entered,
+                input_ns=(entered - received) + (prepared_at - start),
+                infer_ns=ran_at - prepared_at,
+                output_ns=done - ran_at,
+                rows=prepared.rows,
+            ),
+            prepared.rows,
+        )
+        return InferResult(model, entry.version, out)

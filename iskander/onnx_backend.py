@@ -26,6 +26,9 @@ _GRAPH_LEVELS = {
 }
 
 
+_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
+
+
 def session_options(settings: ModelSettings) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = settings.intra_threads
@@ -71,10 +74,17 @@ class OnnxBackend:
         self.inputs = tuple(_tensor_info(a) for a in first.get_inputs())
         self.outputs = tuple(_tensor_info(a) for a in first.get_outputs())
         self._next = itertools.cycle(self._sessions).__next__  # atomic under the GIL
+        # numpy has no bfloat16: those inputs arrive as uint16 bit patterns and travel as OrtValues
+        self._bf16_inputs = frozenset(t.name for t in self.inputs if t.onnx_type == "tensor(bfloat16)")
         self._run_options = ort.RunOptions()
 
     def run(self, output_names: Sequence[str], feeds: Mapping[str, np.ndarray], model: str) -> list[np.ndarray]:
         session = self._next()
+        if self._bf16_inputs:
+            feeds = {
+                k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v, _BFLOAT16) if k in self._bf16_inputs else v
+                for k, v in feeds.items()
+            }
         try:
             return session.run(list(output_names), feeds, self._run_options)
         except (ort_state.InvalidArgument, ort_state.InvalidGraph) as exc:

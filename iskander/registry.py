@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -19,6 +19,7 @@ from .errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
 from .manifest import load_manifest
 from .onnx_backend import OnnxBackend
 from .settings import ModelSettings
+from .stats import ModelStats
 
 log = logging.getLogger("iskander.registry")
 
@@ -36,6 +37,8 @@ class ModelVersion:
     reason: str = ""
     contract: Contract | None = None
     backend: OnnxBackend | None = None
+    unloaded: bool = False  # unloaded on request: not counted against server readiness
+    stats: ModelStats | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -62,20 +65,86 @@ def load_model(settings: ModelSettings) -> ModelVersion:
 
 
 class ModelRegistry:
+    """Every configured model version. Only configured models can ever be loaded: load requests
+    name a model, never a path."""
+
     def __init__(self, models: Iterable[ModelSettings]) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, dict[int, ModelVersion]] = {}
+        self._stats: dict[tuple[str, int], ModelStats] = {}  # survive reloads, as in Triton
+        self._load_locks: dict[str, threading.Lock] = {}
+        self._listeners: list[Callable[[], None]] = []
         for m in models:
-            self._entries.setdefault(m.name, {})[m.version] = ModelVersion(m, ModelState.LOADING)
+            self._stats[(m.name, m.version)] = ModelStats(m.name, str(m.version))
+            self._load_locks.setdefault(m.name, threading.Lock())
+            self._entries.setdefault(m.name, {})[m.version] = self._with_stats(ModelVersion(m, ModelState.LOADING))
+
+    def _with_stats(self, entry: ModelVersion) -> ModelVersion:
+        return attrs.evolve(entry, stats=self._stats[(entry.name, entry.settings.version)])
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after any model changes state (health services subscribe)."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def load_all(self) -> None:
-        for versions in list(self._entries.values()):
-            for entry in list(versions.values()):
+        for name in self.names():
+            for entry in self.versions(name):
                 self._store(load_model(entry.settings))
+        self._notify()
 
-    def _store(self, entry: ModelVersion) -> None:
+    def load(self, name: str) -> list[ModelVersion]:
+        """(Re)load every configured version of ``name``. A version that was READY keeps serving
+        until its replacement is ready, and stays if the replacement fails."""
+        if name not in self._entries:
+            raise ModelNotFound(
+                f"model '{name}' is not in the server's configuration; only configured models can be loaded "
+                f"(configured: {', '.join(self.names())})",
+                model=name,
+            )
+        failed = []
+        with self._load_locks[name]:
+            for old in self.versions(name):
+                if old.state is not ModelState.READY:
+                    self._store(attrs.evolve(old, state=ModelState.LOADING, reason="", unloaded=False), quiet=True)
+                    self._notify()
+                new = load_model(old.settings)
+                if new.state is ModelState.READY or old.state is not ModelState.READY:
+                    self._store(new)
+                if new.state is not ModelState.READY:
+                    failed.append(new)
+        self._notify()
+        if failed:
+            raise ModelNotReady(
+                f"model '{name}' version {failed[0].version} failed to load: {failed[0].reason}",
+                model=name, version=failed[0].version,
+            )
+        return self.versions(name)
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name``. Requests already running finish on the session they hold."""
+        if name not in self._entries:
+            raise ModelNotFound(f"unknown model '{name}'; served models: {', '.join(self.names())}", model=name)
+        with self._load_locks[name]:
+            for old in self.versions(name):
+                self._store(
+                    ModelVersion(old.settings, ModelState.UNAVAILABLE, reason="unloaded", unloaded=True), quiet=True
+                )
+        log.info("model %s unloaded", name)
+        self._notify()
+
+    def _store(self, entry: ModelVersion, quiet: bool = False) -> None:
+        entry = self._with_stats(entry)
         with self._lock:
-            self._entries[entry.name][entry.settings.version] = entry
+            # copy-on-write: readers iterate a dict that is never mutated under them
+            versions = dict(self._entries[entry.name])
+            versions[entry.settings.version] = entry
+            self._entries = {**self._entries, entry.name: versions}
+        if quiet:
+            return
         if entry.state is ModelState.READY:
             assert entry.contract is not None
             cols = lambda schema: ", ".join(f"{f.name}: {type_name(f.type)}" for f in schema)  # noqa: E731
@@ -137,4 +206,5 @@ class ModelRegistry:
         return entry
 
     def all_ready(self) -> bool:
-        return all(v.state is ModelState.READY for v in self.all())
+        """Every model that should serve does (models unloaded on request do not count)."""
+        return all(v.state is ModelState.READY for v in self.all() if not v.unloaded)

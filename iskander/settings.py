@@ -56,6 +56,7 @@ class ModelSettings:
     parallel_execution: bool = False
     memory_pattern: bool = True
     instances: int = 1
+    max_batch_size: int = 0  # rows per request; 0 = no limit (advertised to Triton clients as 2^31-1)
 
     @property
     def manifest_path(self) -> Path:
@@ -91,6 +92,7 @@ class Settings:
 _MODEL_KEYS = {
     "name", "backend", "path", "version", "manifest", "execution_providers", "intra_threads",
     "inter_threads", "optimization_level", "parallel_execution", "memory_pattern", "instances",
+    "max_batch_size",
 }
 _SERVER_KEYS = {"host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds"}
 
@@ -202,6 +204,7 @@ def _parse_model(table: Any, index: int, base: Path, source: Path | str) -> Mode
         parallel_execution=_typed(where, table, "parallel_execution", bool, False),
         memory_pattern=_typed(where, table, "memory_pattern", bool, True),
         instances=instances,
+        max_batch_size=_nonneg(where, "max_batch_size", _typed(where, table, "max_batch_size", int, 0)),
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..arrow_tensor import list_values
-from ..arrow_types import STRING_TYPES, element_type, row_shape
+from ..arrow_types import BFLOAT16, STRING_TYPES, element_type, row_shape
 from ..errors import InvalidInput, Unimplemented
 
 _FIXED: dict[pa.DataType, str] = {
@@ -32,6 +32,7 @@ _FIXED: dict[pa.DataType, str] = {
     pa.float16(): "FP16",
     pa.float32(): "FP32",
     pa.float64(): "FP64",
+    BFLOAT16: "BF16",
 }
 
 # numpy dtype of each datatype's raw little-endian encoding
@@ -48,6 +49,7 @@ RAW_DTYPE: dict[str, np.dtype] = {
     "FP16": np.dtype("<f2"),
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
+    "BF16": np.dtype("<u2"),  # bit patterns; raw only
 }
 
 # InferTensorContents field that carries each datatype in typed (non-raw) form
@@ -146,7 +148,7 @@ class TensorDecoder:
                 flat = pa.array(np.frombuffer(data, dtype=np.uint8).astype(bool), type=pa.bool_())
             else:
                 # zero-copy: the Arrow buffer is a view of the request bytes
-                flat = pa.Array.from_buffers(self.elem, count, [None, pa.py_buffer(data)])
+                flat = _fixed_width(self.elem, count, pa.py_buffer(data))
         return self._nest(flat)
 
     def from_contents(self, contents: object, rows: int) -> pa.Array:
@@ -169,7 +171,7 @@ class TensorDecoder:
             flat = self._bytes_array(list(values))
         else:
             array = np.asarray(values, dtype=RAW_DTYPE[self.datatype])
-            flat = pa.Array.from_buffers(self.elem, count, [None, pa.py_buffer(array)]) if self.datatype != "BOOL" \
+            flat = _fixed_width(self.elem, count, pa.py_buffer(array)) if self.datatype != "BOOL" \
                 else pa.array(array, type=pa.bool_())
         return self._nest(flat)
 
@@ -193,6 +195,12 @@ class TensorDecoder:
         for d in reversed(self.row_shape):
             out = pa.FixedSizeListArray.from_arrays(out, d)
         return out
+
+
+def _fixed_width(elem: pa.DataType, count: int, buffer: pa.Buffer) -> pa.Array:
+    if isinstance(elem, pa.ExtensionType):
+        return pa.ExtensionArray.from_storage(elem, pa.Array.from_buffers(elem.storage_type, count, [None, buffer]))
+    return pa.Array.from_buffers(elem, count, [None, buffer])
 
 
 def _equal_lengths(raw: np.ndarray, count: int) -> np.ndarray | None:
