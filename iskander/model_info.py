@@ -37,3 +37,27 @@ def describe(entry: ModelVersion, registry: ModelRegistry) -> dict[str, Any]:
         info["output_schema"] = schema_fields(contract.output_schema)
         info["passthrough"] = [f.name for f in contract.passthrough]
     return info
+
+
+def repository_index(
+    registry: ModelRegistry, ready_only: bool = False, name: str | None = None
+) -> list[dict[str, str]]:
+    """Every configured model version (or one model's) with its state and reason (Triton's RepositoryIndex)."""
+    entries = registry.versions(name) if name else registry.all()
+    return [
+        {"name": e.name, "version": e.version, "state": e.state.value, "reason": e.reason}
+        for e in entries
+        if not ready_only or e.state is ModelState.READY
+    ]
+
+
+def statistics(registry: ModelRegistry, name: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+    """Statistics snapshots: all models, one model's versions, or one version (NOT_FOUND if unknown)."""
+    if not name:
+        entries = registry.all()
+    elif version:
+        entries = [registry.find(name, version)]
+    else:
+        registry.find(name)  # raises NOT_FOUND for an unknown model
+        entries = registry.versions(name)
+    return [e.stats.snapshot() for e in entries if e.stats is not None]

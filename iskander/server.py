@@ -35,6 +35,8 @@ class IskanderServer:
         self._flight_thread = threading.Thread(target=self.flight_server.serve, name="flight", daemon=True)
         self._flight_thread.start()
         set_health(self.health, self.core, serving=True)
+        # load/unload from either frontend updates per-model health
+        self.registry.on_change(lambda: set_health(self.health, self.core, serving=self.core.live))
         return self.flight_port, self.grpc_port
 
     def request_stop(self, *_: object) -> None:

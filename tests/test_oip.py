@@ -72,7 +72,8 @@ def test_server_live_ready_metadata(client):
     assert client.is_server_ready()
     meta = client.get_server_metadata()
     assert meta.name == "iskander"
-    assert list(meta.extensions) == []  # advertise only what is implemented
+    # advertise exactly what is implemented
+    assert sorted(meta.extensions) == ["model_configuration", "model_repository", "statistics"]
 
 
 def test_model_ready(client):

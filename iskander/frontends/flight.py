@@ -21,7 +21,7 @@ import pyarrow.flight as flight
 
 from ..core import InferenceCore
 from ..errors import InvalidInput
-from ..model_info import describe
+from ..model_info import describe, repository_index, statistics
 from ..registry import ModelState, ModelVersion
 from .flight_errors import flight_errors, flight_errors_gen
 
@@ -32,6 +32,12 @@ ACTIONS = {
     "list_models": "Every configured model version with its state and schemas. Body: empty.",
     "model_metadata": 'Metadata of one model: versions, state, input and output schemas. Body: UTF-8 model '
     'name or JSON {"name": ..., "version": ...}.',
+    "statistics": "Inference statistics (Triton's ModelStatistics fields) of every model, one model, or one "
+    "version. Body: empty, a model name, or JSON {\"name\": ..., \"version\": ...}.",
+    "repository_index": "Every configured model version with state and reason. Body: empty, or JSON "
+    '{"ready": true} for ready versions only.',
+    "load_model": "(Re)load a configured model by name (never a path). Body: UTF-8 model name.",
+    "unload_model": "Stop serving a model; requests already running finish. Body: UTF-8 model name.",
 }
 
 
@@ -46,15 +52,22 @@ def _descriptor_target(descriptor: flight.FlightDescriptor) -> tuple[str, str | 
     raise InvalidInput(f"descriptor path must be [model] or [model, version], got {parts}")
 
 
+def _json_body(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise InvalidInput("action body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("action body must be a JSON object")
+    return data
+
+
 def _action_target(body: bytes) -> tuple[str | None, str | None]:
     text = body.decode("utf-8", errors="replace").strip()
     if not text:
         return None, None
     if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise InvalidInput("action body is not valid JSON") from None
+        data = _json_body(body)
         name, version = data.get("name"), data.get("version")
         return (str(name) if name else None), (str(version) if version else None)
     return text, None
@@ -156,6 +169,21 @@ class FlightFrontend(flight.FlightServerBase):
             if name is None:
                 raise InvalidInput("model_metadata needs a model name in the action body")
             yield _json_result(describe(registry.find(name, version), registry))
+        elif kind == "statistics":
+            name, version = _action_target(body)
+            yield _json_result(statistics(registry, name, version))
+        elif kind == "repository_index":
+            ready_only = bool(body.strip()) and bool(_json_body(body).get("ready", False))
+            yield _json_result(repository_index(registry, ready_only=ready_only))
+        elif kind in ("load_model", "unload_model"):
+            name, _ = _action_target(body)
+            if name is None:
+                raise InvalidInput(f"{kind} needs a model name in the action body")
+            if kind == "load_model":
+                registry.load(name)
+            else:
+                registry.unload(name)
+            yield _json_result({"name": name, "versions": repository_index(registry, name=name)})
         else:
             raise InvalidInput(f"unknown action '{kind}'; actions: {', '.join(ACTIONS)}", action=kind)
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent import futures
 
+import time
+import uuid
+from collections.abc import Iterator
+
 import grpc
 import pyarrow as pa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,14 +21,26 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .._proto import grpc_service_pb2 as pb
 from .._proto import grpc_service_pb2_grpc as pb_grpc
 from ..core import SERVER_NAME, InferenceCore, server_version
-from ..errors import InvalidInput
-from ..model_info import ready_versions
+from ..errors import InvalidInput, IskanderError
+from ..model_info import ready_versions, repository_index, statistics
 from ..registry import ModelState, ModelVersion
 from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape
-from .oip_errors import grpc_errors
+from .oip_errors import grpc_errors, log
+from .oip_model_config import model_config, model_statistics
 
 # Advertise only what is implemented (perf_analyzer and clients read this list).
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("model_repository", "model_configuration", "statistics")
+
+_UNIMPLEMENTED = {
+    "SystemSharedMemoryStatus": "system shared memory",
+    "SystemSharedMemoryRegister": "system shared memory",
+    "SystemSharedMemoryUnregister": "system shared memory",
+    "CudaSharedMemoryStatus": "CUDA shared memory",
+    "CudaSharedMemoryRegister": "CUDA shared memory",
+    "CudaSharedMemoryUnregister": "CUDA shared memory",
+    "TraceSetting": "trace settings",
+    "LogSettings": "log settings",
+}
 
 
 def _mixed_contents(name: str, model: str) -> InvalidInput:
@@ -149,12 +165,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         return pa.RecordBatch.from_arrays([arrays[name] for name in codec.order], schema=codec.schema)
 
-    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    def infer(self, request: pb.ModelInferRequest, received_ns: int) -> pb.ModelInferResponse:
         model = request.model_name
         entry = self.core.model(model, request.model_version or None)
         batch = self._to_batch(request, self._codec(entry), model)
         requested: Sequence[str] = list(dict.fromkeys(o.name for o in request.outputs))
-        result = self.core.infer(model, entry.version, batch, outputs=requested or None)
+        result = self.core.infer(model, entry.version, batch, outputs=requested or None, received_ns=received_ns)
         out = result.batch
         response = pb.ModelInferResponse(model_name=model, model_version=result.version, id=request.id)
         names = requested or out.schema.names
@@ -168,7 +184,91 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        return self.infer(request)
+        return self.infer(request, time.perf_counter_ns())
+
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelStreamInferResponse]:
+        """Answers each request in order on the stream; a failed request gets ``error_message`` and
+        the stream stays open for the next."""
+        for request in request_iterator:
+            received = time.perf_counter_ns()
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=self.infer(request, received))
+            except IskanderError as exc:
+                message = exc.message
+            except Exception:  # noqa: BLE001 - one bad request must not end the stream
+                request_id = uuid.uuid4().hex[:16]
+                log.exception("internal error in ModelStreamInfer (request id %s)", request_id)
+                message = f"internal server error (request id {request_id})"
+            else:
+                continue
+            yield pb.ModelStreamInferResponse(
+                error_message=message,
+                infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                ),
+            )
+
+    # --- Triton extensions: configuration, statistics, repository ------------------------------
+
+    @grpc_errors
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
+        entry = self.core.model(request.name, request.version or None)
+        return pb.ModelConfigResponse(config=model_config(entry, self.core.registry))
+
+    @grpc_errors
+    def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        snapshots = statistics(self.core.registry, request.name or None, request.version or None)
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(s) for s in snapshots])
+
+    @grpc_errors
+    def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[index(**m) for m in repository_index(self.core.registry, ready_only=request.ready)]
+        )
+
+    @grpc_errors
+    def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        overrides = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
+        if overrides:
+            raise InvalidInput(
+                f"load of model '{request.model_name}' carries '{overrides[0]}'; Iskander loads only models "
+                "from its configuration and accepts no config or file overrides from clients",
+                model=request.model_name,
+            )
+        self.core.registry.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @grpc_errors
+    def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        self.core.registry.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _unimplemented(method: str, feature: str):
+    def handler(self: OipServicer, request: object, context: grpc.ServicerContext) -> None:
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"{method}: Iskander does not implement {feature}"
+            + ("; send tensors in the request" if "memory" in feature else ""),
+        )
+
+    handler.__name__ = method
+    return handler
+
+
+for _method, _feature in _UNIMPLEMENTED.items():
+    setattr(OipServicer, _method, _unimplemented(_method, _feature))
 
 
 def make_grpc_server(
