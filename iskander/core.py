@@ -48,6 +48,11 @@ class InferenceCore:
         """Ready when every configured model is loaded (Triton's ServerReady semantics)."""
         return self.live and self.registry.all_ready()
 
+    def record_failure(self, entry: ModelVersion, received_ns: int) -> None:
+        """Count a request that a frontend rejected before it reached ``infer`` (e.g. bad tensors)."""
+        if entry.stats is not None:
+            entry.stats.record_failure(time.perf_counter_ns() - received_ns)
+
     def infer(
         self,
         model: str,

@@ -36,6 +36,17 @@ path = "{root}/dtypes.onnx"
 [[models]]
 name = "sklearn"
 path = "{root}/sklearn.onnx"
+
+[[models]]
+name = "alltypes"
+path = "{root}/alltypes.onnx"
+
+[[models]]
+name = "small_batch"
+path = "{root}/tabular.onnx"
+manifest = "{root}/tabular.manifest.toml"
+max_batch_size = 8
+instances = 2
 """
 
 

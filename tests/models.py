@@ -54,6 +54,42 @@ def build_dtypes(path: Path) -> Path:
     return _save(graph, path)
 
 
+ALLTYPES = {  # input name -> (onnx.TensorProto type name, numpy dtype)
+    "i8": ("INT8", "int8"),
+    "i16": ("INT16", "int16"),
+    "u8": ("UINT8", "uint8"),
+    "u16": ("UINT16", "uint16"),
+    "u32": ("UINT32", "uint32"),
+    "u64": ("UINT64", "uint64"),
+    "f16": ("FLOAT16", "float16"),
+}
+
+
+def build_alltypes(path: Path) -> Path:
+    """Identity for every integer width and FP16 ([N, 2] each), and bfloat16 [N] cast to float32."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Identity", [name], [f"{name}_out"]) for name in ALLTYPES]
+    nodes.append(helper.make_node("Cast", ["bf16"], ["bf16_as_f32"], to=TensorProto.FLOAT))
+    inputs = [helper.make_tensor_value_info(n, getattr(TensorProto, t), ["N", 2]) for n, (t, _) in ALLTYPES.items()]
+    inputs.append(helper.make_tensor_value_info("bf16", TensorProto.BFLOAT16, ["N"]))
+    outputs = [helper.make_tensor_value_info(f"{n}_out", getattr(TensorProto, t), ["N", 2]) for n, (t, _) in ALLTYPES.items()]
+    outputs.append(helper.make_tensor_value_info("bf16_as_f32", TensorProto.FLOAT, ["N"]))
+    return _save(helper.make_graph(nodes, "alltypes", inputs, outputs), path)
+
+
+def alltypes_feeds(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, (_, dtype) in ALLTYPES.items():
+        if dtype == "float16":
+            feeds[name] = rng.standard_normal((n, 2)).astype(np.float16)
+        else:
+            info = np.iinfo(dtype)
+            feeds[name] = rng.integers(info.min, info.max, (n, 2), dtype=dtype, endpoint=True)
+    return feeds
+
+
 def build_sklearn(path: Path, n_features: int = 4, seed: int = 3) -> Path:
     """A scikit-learn logistic regression exported with skl2onnx (probabilities as a tensor)."""
     from skl2onnx import to_onnx
@@ -94,13 +130,19 @@ def build_all(root: Path) -> Path:
     build_demo(root)
     build_dtypes(root / "dtypes.onnx")
     build_sklearn(root / "sklearn.onnx")
+    build_alltypes(root / "alltypes.onnx")
     (root / "sklearn.manifest.toml").write_text(SKLEARN_MANIFEST)
     (root / "broken.onnx").write_bytes(b"this is not an onnx model")
     return root
 
 
 def reference(path: Path, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-    """onnxruntime in process on the same file: what the server must return."""
+    """onnxruntime in process on the same file: what the server must return. bfloat16 inputs are
+    given as uint16 bit patterns (numpy has no bfloat16) and passed as OrtValues."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    bf16 = {i.name for i in session.get_inputs() if i.type == "tensor(bfloat16)"}
+    feeds = {
+        k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v, 16) if k in bf16 else v for k, v in feeds.items()
+    }
     names = outputs or [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))

@@ -244,3 +244,19 @@ def test_variable_list_input_is_refused_at_load(tmp_path):
                        '[[outputs]]\nname = "y"\ntype = "fixed_size_list<float32>[3]"\n', tmp_path)
     assert entry.state is ModelState.UNAVAILABLE
     assert "manifest input 'x' is list<float32>: variable-size lists are for outputs" in entry.reason
+
+
+@pytest.mark.parametrize("items", [
+    [b"x"] * 5,                      # equal lengths: vectorised path
+    [b"abc", b"def", b"ghi"],
+    [b"", b"", b""],                 # all empty
+    [b"a", b"", b"longer one", b"\xc3\xbc"],  # variable lengths
+    [],
+])
+def test_raw_bytes_decode_and_encode(items):
+    raw = b"".join(len(x).to_bytes(4, "little") + x for x in items)
+    arr = TensorDecoder("m", "s", pa.binary()).from_raw(raw, len(items))
+    assert arr.to_pylist() == items
+    assert encode_column(arr)[2] == raw
+    text = TensorDecoder("m", "s", pa.utf8()).from_raw(raw, len(items))
+    assert text.to_pylist() == [x.decode() for x in items]

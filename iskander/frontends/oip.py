@@ -168,7 +168,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def infer(self, request: pb.ModelInferRequest, received_ns: int) -> pb.ModelInferResponse:
         model = request.model_name
         entry = self.core.model(model, request.model_version or None)
-        batch = self._to_batch(request, self._codec(entry), model)
+        try:
+            batch = self._to_batch(request, self._codec(entry), model)
+        except IskanderError:
+            self.core.record_failure(entry, received_ns)
+            raise
         requested: Sequence[str] = list(dict.fromkeys(o.name for o in request.outputs))
         result = self.core.infer(model, entry.version, batch, outputs=requested or None, received_ns=received_ns)
         out = result.batch

@@ -253,7 +253,7 @@ def _raw_bytes_to_arrow(data: bytes, count: int, elem: pa.DataType, column: str,
     raw = np.frombuffer(data, dtype=np.uint8)
     lengths = _equal_lengths(raw, count)
     if lengths is not None:
-        values = raw.reshape(count, -1)[:, 4:].reshape(-1)
+        values = np.ascontiguousarray(raw.reshape(count, -1)[:, 4:]).reshape(-1)
     else:
         lengths = _walk_lengths(data, count, column, model)
         keep = np.ones(raw.size, dtype=bool)

@@ -1,0 +1,372 @@
+"""The Triton surface that Triton's own tools rely on: ModelConfig, statistics, repository control,
+streaming, every datatype and health, driven by tritonclient against a server process.
+
+Never import iskander._proto here (tritonclient defines the same protobuf symbols)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pyarrow.flight as flight
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from data import tabular_batch, two_tower_batch
+from iskander.launch import spawn_server
+from models import ALLTYPES, alltypes_feeds, reference
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = triton.InferenceServerClient(server.grpc_url)
+    yield c
+    c.close()
+
+
+def tabular_inputs(n: int, seed: int = 0, ids_as_column: bool = True):
+    batch, feeds = tabular_batch(n, seed)
+    ids = np.array([s.encode() for s in batch.column("entity_id").to_pylist()], dtype=np.object_)
+    cat = feeds["category"]
+    inputs = []
+    for name, data, dtype in (
+        ("entity_id", ids.reshape(n, 1) if ids_as_column else ids, "BYTES"),
+        ("features", feeds["numeric"], "FP32"),
+        ("category", cat.reshape(n, 1), "INT64"),
+    ):
+        t = triton.InferInput(name, list(data.shape), dtype)
+        t.set_data_from_numpy(data)
+        inputs.append(t)
+    return inputs, feeds
+
+
+# --- ModelConfig ------------------------------------------------------------------------------------
+
+
+def test_model_config_follows_triton_onnx_conventions(client):
+    config = client.get_model_config("tabular", as_json=True)["config"]
+    assert config["name"] == "tabular"
+    assert config["platform"] == "onnxruntime_onnx"
+    assert config["backend"] == "onnxruntime"
+    assert int(config["max_batch_size"]) == 2**31 - 1
+    assert "dynamic_batching" not in config  # requests are not batched together
+    inputs = {t["name"]: t for t in config["input"]}
+    assert inputs["features"]["data_type"] == "TYPE_FP32" and inputs["features"]["dims"] == ["4"]
+    assert "reshape" not in inputs["features"]
+    assert inputs["category"]["data_type"] == "TYPE_INT64" and inputs["category"]["dims"] == ["1"]
+    assert inputs["category"]["reshape"] == {}  # reshape { shape: [] }
+    assert inputs["entity_id"]["data_type"] == "TYPE_STRING"
+    outputs = {t["name"]: t for t in config["output"]}
+    assert outputs["score"]["data_type"] == "TYPE_FP32" and outputs["score"]["dims"] == ["1"]
+    assert outputs["score"]["reshape"] == {}
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    assert config["version_policy"]["specific"]["versions"] == ["1", "2"]
+
+
+def test_model_config_reports_configured_limits(client):
+    config = client.get_model_config("small_batch", as_json=True)["config"]
+    assert int(config["max_batch_size"]) == 8
+    assert config["instance_group"][0]["count"] == 2
+
+
+def test_max_batch_size_is_enforced(client):
+    inputs, _ = tabular_inputs(9)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("small_batch", inputs)
+    assert str(info.value.status()) == "StatusCode.INVALID_ARGUMENT"
+    assert info.value.message() == "inference request batch-size must be <= 8 for 'small_batch', got 9"
+    ok, _ = tabular_inputs(8)
+    assert client.infer("small_batch", ok).as_numpy("score").shape == (8, 1)
+
+
+def test_model_config_unknown_model(client):
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_config("nope")
+    assert str(info.value.status()) == "StatusCode.NOT_FOUND"
+
+
+# --- statistics ------------------------------------------------------------------------------------
+
+
+def stats_of(client, model: str, version: str = "1") -> dict:
+    data = client.get_inference_statistics(model, version, as_json=True)
+    (entry,) = data["model_stats"]
+    return entry
+
+
+def count(entry: dict, key: str) -> int:
+    return int(entry["inference_stats"].get(key, {}).get("count", 0))
+
+
+def test_statistics_grow_exactly_with_requests(client, server):
+    before = stats_of(client, "sklearn")
+    rng = np.random.default_rng(0)
+    for n in (3, 3, 5):
+        ids = np.array([b"x"] * n, dtype=np.object_).reshape(n, 1)
+        feats = rng.standard_normal((n, 4)).astype(np.float32)
+        inputs = []
+        for name, data, dtype in (("entity_id", ids, "BYTES"), ("features", feats, "FP32")):
+            t = triton.InferInput(name, list(data.shape), dtype)
+            t.set_data_from_numpy(data)
+            inputs.append(t)
+        client.infer("sklearn", inputs)
+    bad = triton.InferInput("features", [2, 3], "FP32")
+    bad.set_data_from_numpy(np.ones((2, 3), np.float32))
+    with pytest.raises(InferenceServerException):
+        client.infer("sklearn", [bad])
+    after = stats_of(client, "sklearn")
+
+    assert after["name"] == "sklearn" and after["version"] == "1"
+    assert count(after, "success") - count(before, "success") == 3
+    assert count(after, "fail") - count(before, "fail") == 1
+    for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert count(after, key) - count(before, key) == 3, key  # executions, growing together
+        assert int(after["inference_stats"][key]["ns"]) > 0
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 11  # rows
+    assert int(after["execution_count"]) - int(before.get("execution_count", 0)) == 3
+    assert int(after["last_inference"]) >= int(time.time() * 1000) - 60_000
+    sizes = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in after["batch_stats"]}
+    old = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in before.get("batch_stats", [])}
+    assert sizes.get(3, 0) - old.get(3, 0) == 2 and sizes.get(5, 0) - old.get(5, 0) == 1
+
+
+def test_statistics_are_shared_by_both_protocols(client, server):
+    before = stats_of(client, "tabular")
+    batch, _ = tabular_batch(4)
+    fc = flight.connect(server.flight_uri)
+    writer, reader = fc.do_exchange(flight.FlightDescriptor.for_path("tabular", "1"))
+    with writer:
+        writer.begin(batch.schema)
+        writer.write_batch(batch)
+        reader.read_chunk()
+        writer.done_writing()
+    inputs, _ = tabular_inputs(4)
+    client.infer("tabular", inputs, model_version="1")
+    after = stats_of(client, "tabular")
+    assert count(after, "success") - count(before, "success") == 2
+    via_flight = json.loads(
+        next(iter(fc.do_action(flight.Action("statistics", b'{"name": "tabular", "version": "1"}')))).body.to_pybytes()
+    )
+    fc.close()
+    (snap,) = via_flight
+    assert snap["inference_stats"]["success"]["count"] == count(after, "success")
+    assert snap["inference_count"] == int(after["inference_count"])
+    assert snap["execution_count"] == int(after["execution_count"])
+
+
+def test_all_statistics(client):
+    data = client.get_inference_statistics(as_json=True)
+    names = {(m["name"], m["version"]) for m in data["model_stats"]}
+    assert {("tabular", "1"), ("tabular", "2"), ("two_tower", "1")} <= names
+
+
+# --- streaming ---------------------------------------------------------------------------------------
+
+
+def test_stream_answers_in_order_and_survives_a_bad_request(client, models_dir):
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        sent = []
+        for i in range(6):
+            if i == 2:
+                bad = triton.InferInput("features", [2, 5], "FP32")
+                bad.set_data_from_numpy(np.ones((2, 5), np.float32))
+                client.async_stream_infer("tabular", [bad], request_id=f"r{i}")
+                sent.append(None)
+                continue
+            inputs, feeds = tabular_inputs(3 + i, seed=i)
+            client.async_stream_infer("tabular", inputs, request_id=f"r{i}")
+            sent.append(feeds)
+        got = [results.get(timeout=20) for _ in sent]
+    finally:
+        client.stop_stream()
+    for i, ((result, error), feeds) in enumerate(zip(got, sent)):
+        if feeds is None:
+            assert result is None
+            assert "unexpected shape for input 'features' for model 'tabular'" in error.message()
+            continue
+        assert error is None
+        assert result.get_response().id == f"r{i}"
+        ref = reference(models_dir / "tabular.onnx", feeds)["probability"]
+        np.testing.assert_array_equal(result.as_numpy("score"), ref)
+
+
+# --- datatypes ---------------------------------------------------------------------------------------
+
+
+def test_every_integer_width_fp16_and_bf16(client, models_dir):
+    feeds = alltypes_feeds(7)
+    oip = {"int8": "INT8", "int16": "INT16", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32",
+           "uint64": "UINT64", "float16": "FP16"}
+    inputs = []
+    for name, (_, dtype) in ALLTYPES.items():
+        t = triton.InferInput(name, [7, 2], oip[dtype])
+        t.set_data_from_numpy(feeds[name])
+        inputs.append(t)
+    bf16_values = np.array([1.5, -2.25, 3.0, 0.1, 1e10, -7.0, 65504.0], dtype=ml_dtypes.bfloat16)
+    t = triton.InferInput("bf16", [7], "BF16")
+    t.set_data_from_numpy(bf16_values)
+    inputs.append(t)
+    result = client.infer("alltypes", inputs)
+    ref = reference(models_dir / "alltypes.onnx", {**feeds, "bf16": bf16_values.view(np.uint16)})
+    for name in ALLTYPES:
+        got = result.as_numpy(f"{name}_out")
+        assert got.dtype == feeds[name].dtype
+        np.testing.assert_array_equal(got, ref[f"{name}_out"])
+    np.testing.assert_array_equal(result.as_numpy("bf16_as_f32").reshape(-1), ref["bf16_as_f32"])
+
+
+def test_alltypes_metadata_and_config(client):
+    meta = client.get_model_metadata("alltypes", as_json=True)
+    dtypes = {t["name"]: t["datatype"] for t in meta["inputs"]}
+    assert dtypes == {"i8": "INT8", "i16": "INT16", "u8": "UINT8", "u16": "UINT16", "u32": "UINT32",
+                      "u64": "UINT64", "f16": "FP16", "bf16": "BF16"}
+    config = client.get_model_config("alltypes", as_json=True)["config"]
+    types = {t["name"]: t["data_type"] for t in config["input"]}
+    assert types["bf16"] == "TYPE_BF16" and types["f16"] == "TYPE_FP16" and types["u64"] == "TYPE_UINT64"
+
+
+# --- repository control -------------------------------------------------------------------------------
+
+REPO_CONFIG = """\
+[[models]]
+name = "two_tower"
+path = "{root}/two_tower.onnx"
+
+[[models]]
+name = "tabular"
+path = "{root}/tabular.onnx"
+"""
+
+
+@pytest.fixture(scope="module")
+def repo_server(models_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("repo")
+    config = tmp / "config.toml"
+    config.write_text(REPO_CONFIG.format(root=models_dir))
+    running = spawn_server(config, tmp / "server.log")
+    yield running
+    running.stop()
+
+
+def health(url: str, service: str) -> str:
+    with grpc.insecure_channel(url) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
+
+
+def two_tower_oip_inputs(n: int):
+    _, feeds = two_tower_batch(n)
+    ids = np.array([b"u"] * n, dtype=np.object_).reshape(n, 1)
+    inputs = []
+    for name, data, dtype in (("user_id", ids, "BYTES"), ("item_id", ids, "BYTES"),
+                              ("user_features", feeds["user_features"], "FP32"),
+                              ("item_features", feeds["item_features"], "FP32")):
+        t = triton.InferInput(name, list(data.shape), dtype)
+        t.set_data_from_numpy(data)
+        inputs.append(t)
+    return inputs
+
+
+def test_unload_and_load_round_trip_without_disturbing_other_models(repo_server):
+    c = triton.InferenceServerClient(repo_server.grpc_url)
+    index = {(m["name"], m["version"]): m["state"] for m in c.get_model_repository_index(as_json=True)["models"]}
+    assert index == {("tabular", "1"): "READY", ("two_tower", "1"): "READY"}
+
+    # keep traffic on two_tower running while tabular is unloaded and loaded again
+    stop = threading.Event()
+    outcomes: list[object] = []
+
+    def traffic() -> None:
+        tc = triton.InferenceServerClient(repo_server.grpc_url)
+        inputs = two_tower_oip_inputs(8)
+        while not stop.is_set() and len(outcomes) < 2000:
+            try:
+                tc.infer("two_tower", inputs)
+                outcomes.append(True)
+            except InferenceServerException as exc:
+                outcomes.append(exc)
+        tc.close()
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        c.unload_model("tabular")
+        assert not c.is_model_ready("tabular")
+        assert c.is_server_ready()  # unloaded on request: the server is still ready
+        assert health(repo_server.grpc_url, "tabular") == "NOT_SERVING"
+        entry = next(m for m in c.get_model_repository_index(as_json=True)["models"] if m["name"] == "tabular")
+        assert entry["state"] == "UNAVAILABLE" and entry["reason"] == "unloaded"
+        inputs, _ = tabular_inputs(2)
+        with pytest.raises(InferenceServerException) as info:
+            c.infer("tabular", inputs)
+        assert str(info.value.status()) == "StatusCode.UNAVAILABLE"
+        assert "model 'tabular' version 1 is not ready (unavailable): unloaded" in info.value.message()
+        ready_only = c.get_model_repository_index(as_json=True)
+        assert ready_only["models"]  # two_tower still listed
+
+        c.load_model("tabular")
+        assert c.is_model_ready("tabular")
+        assert health(repo_server.grpc_url, "tabular") == "SERVING"
+        assert c.infer("tabular", inputs).as_numpy("score").shape == (2, 1)
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert outcomes and all(o is True for o in outcomes), [o for o in outcomes if o is not True][:3]
+    c.close()
+
+
+def test_load_accepts_only_configured_models(repo_server):
+    c = triton.InferenceServerClient(repo_server.grpc_url)
+    with pytest.raises(InferenceServerException) as info:
+        c.load_model("/etc/passwd")
+    assert str(info.value.status()) == "StatusCode.NOT_FOUND"
+    assert "not in the server's configuration" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        c.load_model("tabular", config='{"backend": "python"}')
+    assert str(info.value.status()) == "StatusCode.INVALID_ARGUMENT"
+    assert "accepts no config or file overrides" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        c.load_model("tabular", files={"file:1/model.onnx": b"garbage"})
+    assert str(info.value.status()) == "StatusCode.INVALID_ARGUMENT"
+    assert c.is_model_ready("tabular")
+    c.close()
+
+
+def test_flight_repository_actions(repo_server):
+    fc = flight.connect(repo_server.flight_uri)
+
+    def act(kind: str, body: bytes = b""):
+        return json.loads(next(iter(fc.do_action(flight.Action(kind, body)))).body.to_pybytes())
+
+    assert {m["name"] for m in act("repository_index")} == {"tabular", "two_tower"}
+    out = act("unload_model", b"two_tower")
+    assert out == {"name": "two_tower", "versions": [
+        {"name": "two_tower", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}]}
+    assert [m["name"] for m in act("repository_index", b'{"ready": true}')] == ["tabular"]
+    c = triton.InferenceServerClient(repo_server.grpc_url)
+    assert not c.is_model_ready("two_tower")  # one registry behind both frontends
+    act("load_model", b"two_tower")
+    assert c.is_model_ready("two_tower")
+    with pytest.raises(flight.FlightError) as info:
+        act("load_model", b"nope")
+    assert json.loads(info.value.extra_info)["code"] == "NOT_FOUND"
+    c.close()
+    fc.close()
+
+
+def test_unimplemented_extensions_say_so(client):
+    for call in (client.get_system_shared_memory_status, client.get_cuda_shared_memory_status,
+                 client.get_trace_settings, client.get_log_settings):
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        assert str(info.value.status()) == "StatusCode.UNIMPLEMENTED"
+        assert "Iskander does not implement" in info.value.message()
