@@ -370,3 +370,40 @@ def test_unimplemented_extensions_say_so(client):
             call()
         assert str(info.value.status()) == "StatusCode.UNIMPLEMENTED"
         assert "Iskander does not implement" in info.value.message()
+
+
+def test_message_size_limit_on_both_frontends(models_dir, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[server]\nmax_message_bytes = 65536\n\n[[models]]\nname = "tabular"\npath = "{models_dir}/tabular.onnx"\n')
+    running = spawn_server(config, tmp_path / "server.log")
+    try:
+        c = triton.InferenceServerClient(running.grpc_url)
+        big, _ = tabular_inputs(5000)  # ~100 KB of features
+        with pytest.raises(InferenceServerException) as info:
+            c.infer("tabular", big)
+        assert str(info.value.status()) == "StatusCode.RESOURCE_EXHAUSTED"
+        small, _ = tabular_inputs(10)
+        assert c.infer("tabular", small).as_numpy("score").shape == (10, 1)
+        c.close()
+
+        fc = flight.connect(running.flight_uri)
+        batch, _ = tabular_batch(5000)
+        writer, reader = fc.do_exchange(flight.FlightDescriptor.for_path("tabular"))
+        with pytest.raises(flight.FlightError) as ferr:
+            with writer:
+                writer.begin(batch.schema)
+                writer.write_batch(batch)
+                reader.read_chunk()
+        detail = json.loads(ferr.value.extra_info)
+        assert detail["code"] == "RESOURCE_EXHAUSTED" and detail["limit"] == "max_message_bytes"
+        assert "exceeds max_message_bytes (65536)" in str(ferr.value)
+        small_batch, _ = tabular_batch(10)
+        writer, reader = fc.do_exchange(flight.FlightDescriptor.for_path("tabular"))
+        with writer:
+            writer.begin(small_batch.schema)
+            writer.write_batch(small_batch)
+            assert reader.read_chunk().data.num_rows == 10
+            writer.done_writing()
+        fc.close()
+    finally:
+        running.stop()

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from ..core import InferenceCore
-from ..errors import InvalidInput
+from ..errors import InvalidInput, ResourceExhausted
 from ..model_info import describe, repository_index, statistics
 from ..registry import ModelState, ModelVersion
 from .flight_errors import flight_errors, flight_errors_gen
@@ -78,9 +78,12 @@ def _json_result(value: Any) -> flight.Result:
 
 
 class FlightFrontend(flight.FlightServerBase):
-    def __init__(self, core: InferenceCore, location: str, **kwargs: Any) -> None:
+    def __init__(self, core: InferenceCore, location: str, max_batch_bytes: int, **kwargs: Any) -> None:
         super().__init__(location, **kwargs)
         self.core = core
+        # pyarrow exposes no gRPC message cap for Flight servers, so the same limit as the OIP
+        # frontend's max_message_bytes is applied to each received batch before it reaches a model.
+        self.max_batch_bytes = max_batch_bytes
 
     # --- discovery --------------------------------------------------------------------------------
 
@@ -130,6 +133,13 @@ class FlightFrontend(flight.FlightServerBase):
             batch = chunk.data
             if batch is None:  # metadata-only message: nothing to score
                 continue
+            size = batch.get_total_buffer_size()
+            if size > self.max_batch_bytes:
+                raise ResourceExhausted(
+                    f"record batch of {size} bytes for model '{name}' exceeds max_message_bytes "
+                    f"({self.max_batch_bytes}); send smaller batches",
+                    model=name, limit="max_message_bytes", expected=self.max_batch_bytes, got=size,
+                )
             result = self.core.infer(name, version, batch)
             if not started:
                 writer.begin(result.batch.schema)
@@ -188,9 +198,9 @@ class FlightFrontend(flight.FlightServerBase):
             raise InvalidInput(f"unknown action '{kind}'; actions: {', '.join(ACTIONS)}", action=kind)
 
 
-def make_flight_server(core: InferenceCore, host: str, port: int) -> FlightFrontend:
+def make_flight_server(core: InferenceCore, host: str, port: int, max_batch_bytes: int) -> FlightFrontend:
     try:
-        return FlightFrontend(core, f"grpc://{host}:{port}")
+        return FlightFrontend(core, f"grpc://{host}:{port}", max_batch_bytes)
     except pa.ArrowException as exc:  # pyarrow says only "Server did not start properly"
         raise OSError(
             f"cannot bind the Arrow Flight port {host}:{port} (in use, or not an address of this machine)"
