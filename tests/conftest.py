@@ -42,6 +42,10 @@ name = "alltypes"
 path = "{root}/alltypes.onnx"
 
 [[models]]
+name = "ints"
+path = "{root}/ints.onnx"
+
+[[models]]
 name = "small_batch"
 path = "{root}/tabular.onnx"
 manifest = "{root}/tabular.manifest.toml"

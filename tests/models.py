@@ -65,16 +65,19 @@ ALLTYPES = {  # input name -> (onnx.TensorProto type name, numpy dtype)
 }
 
 
-def build_alltypes(path: Path) -> Path:
-    """Identity for every integer width and FP16 ([N, 2] each), and bfloat16 [N] cast to float32."""
+def build_alltypes(path: Path, halfs: bool = True) -> Path:
+    """Identity for every integer width and FP16 ([N, 2] each), and bfloat16 [N] cast to float32.
+    With ``halfs=False``, integers only (every input can then travel in typed contents)."""
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("Identity", [name], [f"{name}_out"]) for name in ALLTYPES]
-    nodes.append(helper.make_node("Cast", ["bf16"], ["bf16_as_f32"], to=TensorProto.FLOAT))
-    inputs = [helper.make_tensor_value_info(n, getattr(TensorProto, t), ["N", 2]) for n, (t, _) in ALLTYPES.items()]
-    inputs.append(helper.make_tensor_value_info("bf16", TensorProto.BFLOAT16, ["N"]))
-    outputs = [helper.make_tensor_value_info(f"{n}_out", getattr(TensorProto, t), ["N", 2]) for n, (t, _) in ALLTYPES.items()]
-    outputs.append(helper.make_tensor_value_info("bf16_as_f32", TensorProto.FLOAT, ["N"]))
+    names = [n for n, (_, dtype) in ALLTYPES.items() if halfs or dtype != "float16"]
+    nodes = [helper.make_node("Identity", [name], [f"{name}_out"]) for name in names]
+    inputs = [helper.make_tensor_value_info(n, getattr(TensorProto, ALLTYPES[n][0]), ["N", 2]) for n in names]
+    outputs = [helper.make_tensor_value_info(f"{n}_out", getattr(TensorProto, ALLTYPES[n][0]), ["N", 2]) for n in names]
+    if halfs:
+        nodes.append(helper.make_node("Cast", ["bf16"], ["bf16_as_f32"], to=TensorProto.FLOAT))
+        inputs.append(helper.make_tensor_value_info("bf16", TensorProto.BFLOAT16, ["N"]))
+        outputs.append(helper.make_tensor_value_info("bf16_as_f32", TensorProto.FLOAT, ["N"]))
     return _save(helper.make_graph(nodes, "alltypes", inputs, outputs), path)
 
 
@@ -131,6 +134,7 @@ def build_all(root: Path) -> Path:
     build_dtypes(root / "dtypes.onnx")
     build_sklearn(root / "sklearn.onnx")
     build_alltypes(root / "alltypes.onnx")
+    build_alltypes(root / "ints.onnx", halfs=False)
     (root / "sklearn.manifest.toml").write_text(SKLEARN_MANIFEST)
     (root / "broken.onnx").write_bytes(b"this is not an onnx model")
     return root

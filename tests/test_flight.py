@@ -123,7 +123,7 @@ def test_version_in_descriptor(client):
 def test_list_flights_names_every_model(client):
     infos = list(client.list_flights())
     names = sorted(i.descriptor.path[0].decode() for i in infos)
-    assert names == ["alltypes", "dtypes", "sklearn", "small_batch", "tabular", "two_tower"]
+    assert names == ["alltypes", "dtypes", "ints", "sklearn", "small_batch", "tabular", "two_tower"]
 
 
 def test_get_schema_is_what_exchange_accepts(client):

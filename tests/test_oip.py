@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from data import dtypes_feeds, two_tower_batch
+from triton_inputs import make_input
 from models import reference
 
 
@@ -22,30 +23,6 @@ def client(server):
     c = triton.InferenceServerClient(server.grpc_url)
     yield c
     c.close()
-
-
-CONTENTS = {
-    "BOOL": "bool_contents", "INT32": "int_contents", "INT64": "int64_contents", "FP32": "fp32_contents",
-    "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}
-
-
-class TypedInput(triton.InferInput):
-    """An InferInput that carries its data in typed `contents` instead of raw bytes.
-
-    tritonclient.grpc always sends raw_input_contents; KServe clients may send typed contents,
-    so the tests write the same request with the fields filled in by hand."""
-
-    def set_data_from_numpy(self, data, binary_data=False):
-        field = getattr(self._get_tensor().contents, CONTENTS[self.datatype()])
-        field.extend(data.reshape(-1).tolist())
-        return self
-
-
-def make_input(name, data, dtype, binary=True):
-    t = (triton.InferInput if binary else TypedInput)(name, list(data.shape), dtype)
-    t.set_data_from_numpy(data)
-    return t
 
 
 def two_tower_inputs(n: int, binary: bool = True, seed: int = 0):

@@ -407,3 +407,42 @@ def test_message_size_limit_on_both_frontends(models_dir, tmp_path):
         fc.close()
     finally:
         running.stop()
+
+
+def test_typed_contents_for_every_integer_width(client, models_dir):
+    from triton_inputs import make_input
+
+    feeds = {k: v for k, v in alltypes_feeds(4, seed=5).items() if k != "f16"}
+    oip = {"int8": "INT8", "int16": "INT16", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32",
+           "uint64": "UINT64"}
+    inputs = [make_input(name, feeds[name], oip[ALLTYPES[name][1]], binary=False) for name in feeds]
+    result = client.infer("ints", inputs)
+    ref = reference(models_dir / "ints.onnx", feeds)
+    for name in feeds:
+        np.testing.assert_array_equal(result.as_numpy(f"{name}_out"), ref[f"{name}_out"])
+
+
+def test_fp16_in_typed_contents_is_refused(server):
+    """FP16 and BF16 have no typed field in the protocol; a client that puts them in fp32_contents
+    gets a clear error."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    feeds = alltypes_feeds(3, seed=6)
+    fields = {"int8": "int_contents", "int16": "int_contents", "uint8": "uint_contents",
+              "uint16": "uint_contents", "uint32": "uint_contents", "uint64": "uint64_contents"}
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        req = service_pb2.ModelInferRequest(model_name="alltypes")
+        for name, (_, dtype) in ALLTYPES.items():
+            if dtype == "float16":
+                continue
+            t = req.inputs.add(name=name, datatype=dtype.upper(), shape=[3, 2])
+            getattr(t.contents, fields[dtype]).extend(feeds[name].reshape(-1).tolist())
+        req.inputs.add(name="f16", datatype="FP16", shape=[3, 2]).contents.fp32_contents.extend([1.0] * 6)
+        req.inputs.add(name="bf16", datatype="BF16", shape=[3]).contents.fp32_contents.extend([1.0] * 3)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(req, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == (
+        "input 'f16' for model 'alltypes' is FP16, which travels only in raw_input_contents"
+    )
