@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from .arrow_types import STRING_TYPES, element_type, row_shape
+from .arrow_types import STRING_TYPES, element_type, is_fixed_shape_tensor, row_shape
 
 
 def list_values(arr: pa.FixedSizeListArray) -> pa.Array:
@@ -32,6 +32,8 @@ def first_null_row(arr: pa.Array) -> int | None:
     if arr.null_count:
         return int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
     t = arr.type
+    if is_fixed_shape_tensor(t):
+        return first_null_row(arr.storage)
     if pa.types.is_fixed_size_list(t):
         row = first_null_row(list_values(arr))
         if row is not None:
@@ -49,7 +51,8 @@ Reader = Callable[[pa.Array], np.ndarray]
 def compile_reader(arrow_type: pa.DataType, unit_dim: bool = False) -> Reader:
     """A function column -> tensor [N, *row_shape] (or [N, 1] with ``unit_dim``), built once per
     contract column so the request path does no type inspection. Raises NullValues on nulls."""
-    depth = len(row_shape(arrow_type))
+    tensor_ext = is_fixed_shape_tensor(arrow_type)  # storage is one fixed_size_list of prod(shape)
+    depth = 1 if tensor_ext else len(row_shape(arrow_type))
     elem = element_type(arrow_type)
     tail = row_shape(arrow_type) or ((1,) if unit_dim else ())
     zero_copy = not (elem in STRING_TYPES or pa.types.is_boolean(elem))  # bit-packed/str: one copy
@@ -59,7 +62,7 @@ def compile_reader(arrow_type: pa.DataType, unit_dim: bool = False) -> Reader:
         if arr.null_count:
             raise NullValues
         n = len(arr)
-        flat = arr
+        flat = arr.storage if tensor_ext else arr
         for _ in range(depth):
             flat = list_values(flat)
             if flat.null_count:
@@ -70,6 +73,24 @@ def compile_reader(arrow_type: pa.DataType, unit_dim: bool = False) -> Reader:
         return values.reshape(n, *tail) if tail else values
 
     return read
+
+
+def read_filled(arr: pa.Array, fill: object, unit_dim: bool = False) -> np.ndarray:
+    """Like a reader, for a column with nulls: null rows and null elements take ``fill`` (one copy)."""
+    t = arr.type
+    n = len(arr)
+    tail = row_shape(t) or ((1,) if unit_dim else ())
+    flat = arr.storage if is_fixed_shape_tensor(t) else arr
+    valid = flat.is_valid().to_numpy(zero_copy_only=False)
+    while pa.types.is_fixed_size_list(flat.type):
+        size = flat.type.list_size
+        flat = list_values(flat)
+        valid = np.repeat(valid, size) & flat.is_valid().to_numpy(zero_copy_only=False)
+    if isinstance(flat.type, pa.ExtensionType):
+        flat = flat.storage
+    values = np.array(flat.fill_null(pa.scalar(fill, flat.type)).to_numpy(zero_copy_only=False))
+    values[~valid] = fill
+    return values.reshape(n, *tail) if tail else values
 
 
 def to_ndarray(arr: pa.Array) -> np.ndarray:
@@ -102,6 +123,9 @@ def from_ndarray(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
         per_row = int(np.prod(values.shape[1:])) if values.ndim > 1 else 1
         offsets = pa.array(np.arange(0, (n + 1) * per_row, per_row, dtype=np.int32))
         return pa.ListArray.from_arrays(offsets, flat_arr, type=arrow_type)
+    if is_fixed_shape_tensor(arrow_type):
+        storage = pa.FixedSizeListArray.from_arrays(flat_arr, int(np.prod(arrow_type.shape)))
+        return pa.ExtensionArray.from_storage(arrow_type, storage)
     out = flat_arr
     for d in reversed(row_shape(arrow_type)):
         out = pa.FixedSizeListArray.from_arrays(out, d)

@@ -89,6 +89,27 @@ STRING_TYPES = (pa.utf8(), pa.large_utf8(), pa.binary(), pa.large_binary())
 
 _FSL = re.compile(r"^fixed_size_list\s*<(?P<inner>.+)>\s*\[\s*(?P<size>\d+)\s*\]$")
 _LIST = re.compile(r"^list\s*<(?P<inner>.+)>$")
+_FST = re.compile(r"^fixed_shape_tensor\s*<(?P<inner>.+)>\s*\[(?P<shape>[\d,\s]+)\]$")
+_STRUCT = re.compile(r"^struct\s*<(?P<fields>.*)>$")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split 'a: int64, b: fixed_size_list<float32>[3]' at commas outside <> and []."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "<[":
+            depth += 1
+        elif ch in ">]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def is_fixed_shape_tensor(t: pa.DataType) -> bool:
+    return isinstance(t, pa.FixedShapeTensorType)
 
 
 def parse_type(text: str) -> pa.DataType:
@@ -105,9 +126,26 @@ def parse_type(text: str) -> pa.DataType:
     m = _LIST.match(s)
     if m:
         return pa.list_(parse_type(m.group("inner")))
+    m = _FST.match(s)
+    if m:
+        shape = [int(d) for d in m.group("shape").split(",") if d.strip()]
+        if not shape or min(shape) < 1:
+            raise ValueError(f"fixed_shape_tensor needs a shape of positive sizes in {text!r}")
+        return pa.fixed_shape_tensor(parse_type(m.group("inner")), shape)
+    m = _STRUCT.match(s)
+    if m:
+        fields = []
+        for part in _split_top_level(m.group("fields")):
+            name, sep, ftype = part.partition(":")
+            if not sep or not name.strip():
+                raise ValueError(f"struct fields are 'name: type', got {part!r} in {text!r}")
+            fields.append(pa.field(name.strip(), parse_type(ftype)))
+        if not fields:
+            raise ValueError(f"struct needs at least one field in {text!r}")
+        return pa.struct(fields)
     raise ValueError(
-        f"unknown Arrow type {text!r}; use a primitive ({', '.join(sorted(set(PRIMITIVE_TYPES)))}) "
-        "or fixed_size_list<T>[k] or list<T>"
+        f"unknown Arrow type {text!r}; use a primitive ({', '.join(sorted(set(PRIMITIVE_TYPES)))}), "
+        "fixed_size_list<T>[k], fixed_shape_tensor<T>[d1, d2, ...], struct<name: T, ...> or list<T>"
     )
 
 
@@ -117,6 +155,10 @@ def type_name(t: pa.DataType) -> str:
         return f"fixed_size_list<{type_name(t.value_type)}>[{t.list_size}]"
     if pa.types.is_list(t):
         return f"list<{type_name(t.value_type)}>"
+    if is_fixed_shape_tensor(t):
+        return f"fixed_shape_tensor<{type_name(t.value_type)}>[{', '.join(str(d) for d in t.shape)}]"
+    if pa.types.is_struct(t):
+        return "struct<" + ", ".join(f"{f.name}: {type_name(f.type)}" for f in t) + ">"
     names = {
         pa.float32(): "float32", pa.float64(): "float64", pa.float16(): "float16",
         pa.utf8(): "utf8", pa.large_utf8(): "large_utf8", pa.bool_(): "bool", BFLOAT16: "bfloat16",
@@ -125,14 +167,19 @@ def type_name(t: pa.DataType) -> str:
 
 
 def element_type(t: pa.DataType) -> pa.DataType:
-    """Innermost value type of a (nested) fixed-size/variable list type."""
+    """Innermost value type of a (nested) fixed-size/variable list or fixed-shape tensor type."""
+    if is_fixed_shape_tensor(t):
+        return t.value_type
     while pa.types.is_fixed_size_list(t) or pa.types.is_list(t):
         t = t.value_type
     return t
 
 
 def row_shape(t: pa.DataType) -> tuple[int, ...]:
-    """Per-row tensor shape of a column type: () for primitives, (a, b) for fsl<fsl<T>[b]>[a]."""
+    """Per-row tensor shape of a column type: () for primitives, (a, b) for fsl<fsl<T>[b]>[a] and
+    for fixed_shape_tensor<T>[a, b]."""
+    if is_fixed_shape_tensor(t):
+        return tuple(t.shape)
     dims = []
     while pa.types.is_fixed_size_list(t):
         dims.append(t.list_size)

@@ -85,9 +85,10 @@ class InferenceCore:
                 stats.record_success(time.perf_counter_ns() - received, None, 0)
                 return InferResult(model, entry.version, out)
             prepared_at = time.perf_counter_ns()
-            results = backend.run([b.tensor for b in selected], prepared.feeds, model)
+            tensors = contract.run_tensors(selected)
+            results = backend.run(tensors, prepared.feeds, model)
             ran_at = time.perf_counter_ns()
-            out = contract.assemble(prepared, selected, results)
+            out = contract.assemble(prepared, selected, dict(zip(tensors, results)))
             done = time.perf_counter_ns()
         except Exception:  # client mistakes and server faults alike count as failures
             stats.record_failure(time.perf_counter_ns() - received)

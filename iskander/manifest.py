@@ -34,10 +34,23 @@ from .errors import ConfigError
 
 @attrs.frozen
 class ColumnSpec:
+    """One manifest column. Input-only keys: nulls, fill, cast_from, field_tensors. Output-only
+    keys: transform, labels, index, of, group_by, descending."""
+
     name: str
     type: pa.DataType
-    tensor: str  # the ONNX tensor; for passthrough columns, same as name
+    tensor: str  # the ONNX tensor; for passthrough columns and rank outputs, same as name
     description: str = ""
+    nulls: str = "reject"  # or "fill"
+    fill: Any = None
+    cast_from: tuple[pa.DataType, ...] = ()
+    field_tensors: tuple[tuple[str, str], ...] = ()  # struct field -> ONNX input
+    transform: str | None = None  # "label" | "select" | "rank"
+    labels: tuple[str, ...] = ()
+    index: int | None = None
+    of: str | None = None
+    group_by: str | None = None
+    descending: bool = True
 
 
 @attrs.frozen
@@ -49,33 +62,100 @@ class Manifest:
 
 
 _SECTIONS = ("inputs", "outputs", "passthrough")
-_COLUMN_KEYS = {"name", "type", "tensor", "description"}
+_COMMON_KEYS = {"name", "type", "description"}
+_KEYS = {
+    "inputs": _COMMON_KEYS | {"tensor", "nulls", "fill", "cast_from", "field_tensors"},
+    "outputs": _COMMON_KEYS | {"tensor", "transform", "labels", "index", "of", "group_by", "descending"},
+    "passthrough": _COMMON_KEYS,
+}
+TRANSFORMS = ("label", "select", "rank")
 
 
-def _column(entry: Any, where: str, with_tensor: bool) -> ColumnSpec:
+def _column(entry: Any, where: str, section: str) -> ColumnSpec:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: must be a table")
-    allowed = _COLUMN_KEYS if with_tensor else _COLUMN_KEYS - {"tensor"}
+    allowed = _KEYS[section]
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise ConfigError(f"{where} key '{unknown[0]}': unknown key (known keys: {', '.join(sorted(allowed))})")
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where} key 'name': is required and must be a non-empty string")
-    raw_type = entry.get("type")
-    if not isinstance(raw_type, str):
-        raise ConfigError(f"{where} ('{name}') key 'type': is required and must be a string such as 'float32'")
-    try:
-        arrow_type = parse_type(raw_type)
-    except ValueError as exc:
-        raise ConfigError(f"{where} ('{name}') key 'type': {exc}") from None
+    where = f"{where} ('{name}')"
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ConfigError(f"{where} key '{key}': {message}")
+
+    def arrow(key: str, text: Any) -> pa.DataType:
+        if not isinstance(text, str):
+            raise fail(key, "must be an Arrow type string such as 'float32'")
+        try:
+            return parse_type(text)
+        except ValueError as exc:
+            raise fail(key, str(exc)) from None
+
+    if "type" not in entry:
+        raise fail("type", "is required and must be a string such as 'float32'")
+    arrow_type = arrow("type", entry["type"])
     tensor = entry.get("tensor", name)
     if not isinstance(tensor, str) or not tensor:
-        raise ConfigError(f"{where} ('{name}') key 'tensor': must be a non-empty string")
+        raise fail("tensor", "must be a non-empty string")
     description = entry.get("description", "")
     if not isinstance(description, str):
-        raise ConfigError(f"{where} ('{name}') key 'description': must be a string")
-    return ColumnSpec(name=name, type=arrow_type, tensor=tensor, description=description)
+        raise fail("description", "must be a string")
+    spec: dict[str, Any] = {"name": name, "type": arrow_type, "tensor": tensor, "description": description}
+
+    if section == "inputs":
+        nulls = entry.get("nulls", "fill" if "fill" in entry else "reject")
+        if nulls not in ("reject", "fill"):
+            raise fail("nulls", f"must be 'reject' or 'fill', got {nulls!r}")
+        if nulls == "fill" and "fill" not in entry:
+            raise fail("fill", "is required when nulls = 'fill' (the value that replaces a null)")
+        fill = entry.get("fill")
+        if fill is not None and not isinstance(fill, (int, float, str, bool)):
+            raise fail("fill", f"must be a number, string or boolean, got {type(fill).__name__}")
+        cast_from = entry.get("cast_from", [])
+        if isinstance(cast_from, str):
+            cast_from = [cast_from]
+        if not isinstance(cast_from, list):
+            raise fail("cast_from", "must be a list of Arrow type strings")
+        field_tensors = entry.get("field_tensors", {})
+        if not isinstance(field_tensors, dict) or not all(isinstance(v, str) for v in field_tensors.values()):
+            raise fail("field_tensors", "must be a table of struct field name = ONNX input name")
+        if field_tensors and not pa.types.is_struct(arrow_type):
+            raise fail("field_tensors", "is only for struct columns")
+        if field_tensors and "tensor" in entry:
+            raise fail("tensor", "give either 'tensor' (concatenate the struct's fields) or 'field_tensors', not both")
+        spec.update(
+            nulls=nulls, fill=fill, cast_from=tuple(arrow("cast_from", t) for t in cast_from),
+            field_tensors=tuple(field_tensors.items()),
+        )
+    elif section == "outputs":
+        transform = entry.get("transform")
+        if transform is not None and transform not in TRANSFORMS:
+            raise fail("transform", f"must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
+        labels = entry.get("labels", [])
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise fail("labels", "must be a list of strings")
+        if transform == "label" and not labels:
+            raise fail("labels", "is required for transform = 'label' (class index -> label)")
+        index = entry.get("index")
+        if transform == "select" and not (isinstance(index, int) and not isinstance(index, bool) and index >= 0):
+            raise fail("index", "is required for transform = 'select' and must be an integer >= 0")
+        of, group_by = entry.get("of"), entry.get("group_by")
+        if transform == "rank" and not isinstance(of, str):
+            raise fail("of", "is required for transform = 'rank': the output column whose values are ranked")
+        if group_by is not None and not isinstance(group_by, str):
+            raise fail("group_by", "must be a column name")
+        descending = entry.get("descending", True)
+        if not isinstance(descending, bool):
+            raise fail("descending", "must be true or false")
+        for key, needs in (("labels", "label"), ("index", "select"), ("of", "rank"), ("group_by", "rank")):
+            if key in entry and transform != needs:
+                raise fail(key, f"only applies with transform = '{needs}'")
+        spec.update(transform=transform, labels=tuple(labels), index=index, of=of, group_by=group_by,
+                    descending=descending)
+    return ColumnSpec(**spec)
 
 
 def parse_manifest(data: dict[str, Any], source: Path, model: str) -> Manifest:
@@ -88,10 +168,7 @@ def parse_manifest(data: dict[str, Any], source: Path, model: str) -> Manifest:
         entries = data.get(section, [])
         if not isinstance(entries, list):
             raise ConfigError(f"{prefix}: '{section}' must be an array of tables ([[{section}]])")
-        sections[section] = tuple(
-            _column(e, f"{prefix}, {section}[{i}]", with_tensor=section != "passthrough")
-            for i, e in enumerate(entries)
-        )
+        sections[section] = tuple(_column(e, f"{prefix}, {section}[{i}]", section) for i, e in enumerate(entries))
     if not sections["inputs"]:
         raise ConfigError(f"{prefix}: at least one [[inputs]] column is required")
     if not sections["outputs"]:

@@ -105,8 +105,8 @@ def test_prepare_and_assemble_match_onnxruntime(models_dir):
     contract = entry.contract
     prepared = contract.prepare(batch)
     selected = contract.select_outputs(["score"])
-    results = entry.backend.run([b.tensor for b in selected], prepared.feeds, "two_tower")
-    out = contract.assemble(prepared, selected, results)
+    tensors = contract.run_tensors(selected)
+    out = contract.assemble(prepared, selected, dict(zip(tensors, entry.backend.run(tensors, prepared.feeds, "two_tower"))))
     assert out.schema.names == ["user_id", "item_id", "score"]
     ref = reference(models_dir / "two_tower.onnx", feeds, ["score"])["score"]
     np.testing.assert_array_equal(out.column("score").to_numpy(), ref)
@@ -190,7 +190,7 @@ def test_unsupported_input_type_is_a_clear_load_error(tmp_path):
     x = fsl(np.ones((2, 3), np.float32))
     prepared = ok.contract.prepare(pa.record_batch({"x": x}))
     selected = ok.contract.select_outputs(None)
-    out = ok.contract.assemble(prepared, selected, ok.backend.run(["y"], prepared.feeds, "dyn"))
+    out = ok.contract.assemble(prepared, selected, {"y": ok.backend.run(["y"], prepared.feeds, "dyn")[0]})
     assert out.column("y").equals(x)
 
 
@@ -214,7 +214,8 @@ def test_fixed_batch_dimension_is_checked_before_running(tmp_path):
     with pytest.raises(InvalidInput) as info:
         entry.contract.prepare(batch)
     assert info.value.message == (
-        "model 'identity' takes exactly 1 rows per batch (ONNX input 'x' has a fixed batch dimension), got 2"
+        "model 'identity' takes exactly 1 rows per batch (column 'x' feeds an ONNX input with a fixed batch "
+        "dimension), got 2"
     )
     assert entry.contract.prepare(batch.slice(0, 1)).rows == 1
 
@@ -232,7 +233,7 @@ def test_list_output_and_descriptions(tmp_path):
     assert oip_shape(contract.output_schema.field("y").type) == [-1, -1]
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     prepared = contract.prepare(pa.record_batch({"x": fsl(x)}))
-    out = contract.assemble(prepared, contract.outputs, entry.backend.run(["y"], prepared.feeds, "identity"))
+    out = contract.assemble(prepared, contract.outputs, {"y": entry.backend.run(["y"], prepared.feeds, "identity")[0]})
     assert out.column("y").to_pylist() == x.tolist()
     datatype, shape, raw = encode_column(out.column("y"))
     assert (datatype, shape) == ("FP32", [2, 3]) and raw == x.tobytes()
