@@ -261,3 +261,210 @@ def test_raw_bytes_decode_and_encode(items):
     assert encode_column(arr)[2] == raw
     text = TensorDecoder("m", "s", pa.utf8()).from_raw(raw, len(items))
     assert text.to_pylist() == [x.decode() for x in items]
+
+
+# --- workload features: structs, concatenation, tensors, nulls, casts, output transforms -------------
+
+
+def _graph_model(tmp_path: Path, name: str, nodes, inputs, outputs, initializers=()) -> Path:
+    from onnx import helper
+
+    from models import _save
+
+    return _save(helper.make_graph(nodes, name, inputs, outputs, initializer=list(initializers)), tmp_path / f"{name}.onnx")
+
+
+@pytest.fixture
+def scorer(tmp_path):
+    """x [N, 3] float -> score [N] = sum(x * w); probs [N, 2] = softmax([0, score])."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["s2"]),
+        helper.make_node("Squeeze", ["s2", "one"], ["score"]),
+        helper.make_node("Concat", ["zero_col", "s2"], ["logits"], axis=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    return _graph_model(
+        tmp_path, "scorer", nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("zero_col", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+         helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.array([[1.0], [2.0], [3.0]], np.float32), "w"),
+         numpy_helper.from_array(np.array([1], np.int64), "one")],
+    )
+
+
+def run(entry, batch, outputs=None):
+    contract = entry.contract
+    prepared = contract.prepare(batch)
+    selected = contract.select_outputs(outputs)
+    tensors = contract.run_tensors(selected)
+    return contract.assemble(prepared, selected, dict(zip(tensors, entry.backend.run(tensors, prepared.feeds, "m"))))
+
+
+STRUCT_MANIFEST = """\
+[[passthrough]]
+name = "user_id"
+type = "utf8"
+
+[[inputs]]
+name = "features"
+type = "struct<a: float32, b: fixed_size_list<float32>[2]>"
+tensor = "x"
+
+[[inputs]]
+name = "zero"
+type = "float32"
+tensor = "zero_col"
+nulls = "fill"
+fill = 0.0
+
+[[outputs]]
+name = "score"
+type = "float32"
+
+[[outputs]]
+name = "label"
+type = "utf8"
+tensor = "probs"
+transform = "label"
+labels = ["low", "high"]
+
+[[outputs]]
+name = "p_high"
+type = "float32"
+tensor = "probs"
+transform = "select"
+index = 1
+
+[[outputs]]
+name = "rank"
+type = "int32"
+transform = "rank"
+of = "score"
+group_by = "user_id"
+"""
+
+
+def test_struct_concat_fill_and_output_transforms(scorer, tmp_path, models_dir):
+    entry = load(scorer, STRUCT_MANIFEST, tmp_path)
+    assert entry.state is ModelState.READY, entry.reason
+    a = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+    b = np.array([[1, 0], [0, 1], [1, 1], [-1, -1]], np.float32)
+    features = pa.StructArray.from_arrays([pa.array(a), fsl(b)], fields=list(entry.contract.input_schema.field("features").type))
+    batch = pa.record_batch({
+        "user_id": pa.array(["u1", "u1", "u2", "u1"]),
+        "features": features,
+        "zero": pa.array([0.0, None, 0.0, None], pa.float32()),
+    })
+    out = run(entry, batch)
+    x = np.column_stack([a, b])
+    ref = reference(scorer, {"x": x, "zero_col": np.zeros((4, 1), np.float32)})
+    np.testing.assert_array_equal(out.column("score").to_numpy(), ref["score"])
+    assert out.column("label").to_pylist() == [["low", "high"][i] for i in ref["probs"].argmax(axis=1)]
+    np.testing.assert_array_equal(out.column("p_high").to_numpy(), ref["probs"][:, 1])
+    # scores 2.5, 2.0, 5.0, -3.0: within u1 the order is row0 (2.5), row1 (2.0), row3 (-3.0)
+    assert out.column("rank").to_pylist() == [1, 2, 1, 3]
+    assert out.schema.field("rank").type == pa.int32()
+    assert entry.contract.input_schema.field("zero").metadata == {b"iskander.fill": b"0.0"}
+
+
+def test_struct_with_null_rows_is_rejected_naming_the_field(scorer, tmp_path):
+    entry = load(scorer, STRUCT_MANIFEST, tmp_path)
+    t = entry.contract.input_schema.field("features").type
+    features = pa.StructArray.from_arrays(
+        [pa.array([1.0, 2.0], pa.float32()), fsl(np.ones((2, 2), np.float32))], fields=list(t),
+        mask=pa.array([False, True]),
+    )
+    batch = pa.record_batch({"user_id": pa.array(["a", "b"]), "features": features,
+                             "zero": pa.array([0.0, 0.0], pa.float32())})
+    with pytest.raises(InvalidInput) as info:
+        run(entry, batch)
+    assert info.value.details["column"] == "features.a" and info.value.details["row"] == 1
+
+
+def test_rank_needs_group_by_request_column(scorer, tmp_path):
+    bad = STRUCT_MANIFEST.replace('group_by = "user_id"', 'group_by = "nope"')
+    entry = load(scorer, bad, tmp_path)
+    assert "manifest output 'rank' groups by 'nope', which is not a request column" in entry.reason
+
+
+def test_columns_concatenated_and_declared_casts(scorer, tmp_path):
+    manifest = """\
+[[inputs]]
+name = "f1"
+type = "float32"
+tensor = "x"
+cast_from = ["float64", "int32"]
+
+[[inputs]]
+name = "f2"
+type = "float32"
+tensor = "x"
+
+[[inputs]]
+name = "f3"
+type = "float32"
+tensor = "x"
+
+[[inputs]]
+name = "zero"
+type = "float32"
+tensor = "zero_col"
+
+[[outputs]]
+name = "score"
+type = "float32"
+"""
+    entry = load(scorer, manifest, tmp_path)
+    assert entry.state is ModelState.READY, entry.reason
+    f1 = np.array([1.5, 2.0], np.float64)
+    rest = {"f2": pa.array([1.0, 1.0], pa.float32()), "f3": pa.array([0.0, 1.0], pa.float32()),
+            "zero": pa.array([0.0, 0.0], pa.float32())}
+    out = run(entry, pa.record_batch({"f1": pa.array(f1), **rest}))
+    np.testing.assert_array_equal(out.column("score").to_numpy(), np.array([3.5, 7.0], np.float32))
+    out_int = run(entry, pa.record_batch({"f1": pa.array([1, 2], pa.int32()), **rest}))
+    np.testing.assert_array_equal(out_int.column("score").to_numpy(), np.array([3.0, 7.0], np.float32))
+    with pytest.raises(InvalidInput) as info:
+        run(entry, pa.record_batch({"f1": pa.array([1, 2], pa.int64()), **rest}))
+    assert info.value.message == (
+        "column 'f1' of model 'scorer' has type int64, model expects float32 or float64 or int32"
+    )
+    bad_width = manifest.replace('[[inputs]]\nname = "f3"\ntype = "float32"\ntensor = "x"\n\n', "")
+    entry2 = load(scorer, bad_width, tmp_path)
+    assert "columns 'f1', 'f2' give 2 values per row but ONNX input 'x' has shape [-1,3]" in entry2.reason
+
+
+def test_fixed_shape_tensor_in_and_out(tmp_path):
+    from onnx import TensorProto, helper
+
+    path = _graph_model(
+        tmp_path, "windows", [helper.make_node("Neg", ["w"], ["neg"]),
+                              helper.make_node("ReduceMean", ["w"], ["mean"], axes=[1, 2], keepdims=0)],
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, ["N", 4, 3])],
+        [helper.make_tensor_value_info("neg", TensorProto.FLOAT, ["N", 4, 3]),
+         helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["N"])],
+    )
+    manifest = ('[[inputs]]\nname = "w"\ntype = "fixed_shape_tensor<float32>[4, 3]"\n'
+                '[[outputs]]\nname = "neg"\ntype = "fixed_shape_tensor<float32>[4, 3]"\n'
+                '[[outputs]]\nname = "mean"\ntype = "float32"\n')
+    entry = load(path, manifest, tmp_path)
+    assert entry.state is ModelState.READY, entry.reason
+    w = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+    column = pa.FixedShapeTensorArray.from_numpy_ndarray(w)
+    prepared = entry.contract.prepare(pa.record_batch({"w": column}))
+    assert addr(prepared.feeds["w"]) == addr(np.asarray(column.storage.values))  # zero copy
+    out = run(entry, pa.record_batch({"w": column}))
+    assert out.schema.field("neg").type == pa.fixed_shape_tensor(pa.float32(), [4, 3])
+    np.testing.assert_array_equal(out.column("neg").to_numpy_ndarray(), -w)
+    np.testing.assert_array_equal(out.column("mean").to_numpy(), w.reshape(2, -1).mean(axis=1))
+    # the same tensors over OIP: [N, 4, 3] FP32
+    from iskander.frontends.oip_codec import oip_shape
+
+    assert oip_shape(out.schema.field("neg").type) == [-1, 4, 3]
+    datatype, shape, raw = encode_column(out.column("neg"))
+    assert (datatype, shape) == ("FP32", [2, 4, 3]) and raw == (-w).tobytes()
+    decoded = TensorDecoder("m", "w", column.type).from_raw(w.tobytes(), 2)
+    assert decoded.type == column.type and decoded.equals(column)

@@ -24,7 +24,7 @@ from ..core import SERVER_NAME, InferenceCore, server_version
 from ..errors import InvalidInput, IskanderError
 from ..model_info import ready_versions, repository_index, statistics
 from ..registry import ModelState, ModelVersion
-from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape
+from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape, oip_view
 from .oip_errors import grpc_errors, log
 from .oip_model_config import model_config, model_statistics
 
@@ -43,6 +43,21 @@ _UNIMPLEMENTED = {
 }
 
 
+def _flat_columns(batch: pa.RecordBatch) -> dict[str, pa.Array]:
+    """Output columns by OIP tensor name (see oip_view)."""
+    columns: dict[str, pa.Array] = {}
+    for name, _ in oip_view(batch.schema):
+        head, _, rest = name.partition(".")
+        if rest and pa.types.is_struct(batch.schema.field(head).type):
+            column = batch.column(head)
+            for part in rest.split("."):
+                column = column.field(part)
+            columns[name] = column
+        else:
+            columns[name] = batch.column(name)
+    return columns
+
+
 def _mixed_contents(name: str, model: str) -> InvalidInput:
     return InvalidInput(
         f"input '{name}' for model '{model}' sets contents while the request uses raw_input_contents; "
@@ -52,13 +67,34 @@ def _mixed_contents(name: str, model: str) -> InvalidInput:
 
 
 class _ModelCodec:
-    """Per model version: decoders for its request columns, built once."""
+    """Per model version: decoders for its OIP input tensors, and how they form the request batch."""
 
     def __init__(self, entry: ModelVersion) -> None:
-        assert entry.contract is not None
-        self.schema = entry.contract.input_schema
-        self.decoders = {f.name: TensorDecoder(entry.name, f.name, f.type) for f in self.schema}
-        self.order = tuple(f.name for f in self.schema)
+        contract = entry.contract
+        assert contract is not None
+        self.schema = contract.input_schema
+        self.decoders = {
+            name: TensorDecoder(entry.name, name, arrow_type, contract.cast_sources(name))
+            for name, arrow_type in oip_view(self.schema)
+        }
+        self.order = tuple(self.decoders)
+
+    def batch(self, arrays: dict[str, pa.Array], rows: int) -> pa.RecordBatch:
+        """Columns in contract order: struct columns rebuilt from their 'column.field' tensors,
+        Flight-only passthrough columns sent as nulls. A cast source keeps its own type (the core casts)."""
+        columns = []
+        fields = []
+        for field in self.schema:
+            if pa.types.is_struct(field.type):
+                children = [arrays[f"{field.name}.{f.name}"] for f in field.type]
+                column = pa.StructArray.from_arrays(children, fields=list(field.type))
+            elif field.name in arrays:
+                column = arrays[field.name]
+            else:
+                column = pa.nulls(rows, field.type)
+            columns.append(column)
+            fields.append(pa.field(field.name, column.type))
+        return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields))
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -110,10 +146,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=entry.name,
             versions=ready_versions(self.core.registry, entry.name),
             platform="onnxruntime_onnx",
-            inputs=[tensor(name=f.name, datatype=oip_datatype(f.type), shape=oip_shape(f.type))
-                    for f in entry.contract.input_schema],
-            outputs=[tensor(name=f.name, datatype=oip_datatype(f.type), shape=oip_shape(f.type))
-                     for f in entry.contract.output_schema],
+            inputs=[tensor(name=name, datatype=oip_datatype(t), shape=oip_shape(t))
+                    for name, t in oip_view(entry.contract.input_schema)],
+            outputs=[tensor(name=name, datatype=oip_datatype(t), shape=oip_shape(t))
+                     for name, t in oip_view(entry.contract.output_schema)],
         )
 
     # --- inference --------------------------------------------------------------------------------
@@ -142,6 +178,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             if tensor.name in arrays:
                 raise InvalidInput(f"input '{tensor.name}' is given twice for model '{model}'", model=model)
+            decoder = decoder.for_datatype(tensor.datatype)
             n = decoder.rows(tensor.shape, tensor.datatype)
             if rows is None:
                 rows = n
@@ -163,7 +200,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"missing input '{missing[0]}'",
                 model=model, column=missing[0],
             )
-        return pa.RecordBatch.from_arrays([arrays[name] for name in codec.order], schema=codec.schema)
+        return codec.batch(arrays, rows or 0)
 
     def infer(self, request: pb.ModelInferRequest, received_ns: int) -> pb.ModelInferResponse:
         model = request.model_name
@@ -177,10 +214,14 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         result = self.core.infer(model, entry.version, batch, outputs=requested or None, received_ns=received_ns)
         out = result.batch
         response = pb.ModelInferResponse(model_name=model, model_version=result.version, id=request.id)
-        names = requested or out.schema.names
+        columns = _flat_columns(out)
+        names = requested or list(columns)
         raw_outputs = []
         for name in names:
-            datatype, shape, data = encode_column(out.column(name))
+            if name not in columns:
+                raise InvalidInput(f"output '{name}' of model '{model}' has no OIP datatype; read it over Flight",
+                                   model=model, output=name)
+            datatype, shape, data = encode_column(columns[name])
             response.outputs.add(name=name, datatype=datatype, shape=shape)
             raw_outputs.append(data)
         response.raw_output_contents.extend(raw_outputs)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..arrow_tensor import list_values
-from ..arrow_types import BFLOAT16, STRING_TYPES, element_type, row_shape
+from ..arrow_types import BFLOAT16, STRING_TYPES, element_type, is_fixed_shape_tensor, row_shape
 from ..errors import InvalidInput, Unimplemented
 
 _FIXED: dict[pa.DataType, str] = {
@@ -99,10 +99,36 @@ def _fmt(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-class TensorDecoder:
-    """Decodes one contract column from an OIP input tensor; built once per model version."""
+def oip_view(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
+    """The OIP tensors of an Arrow schema: one per column, struct columns as one tensor per field
+    named 'column.field'; columns with no OIP datatype (Flight-only passthrough) are left out."""
+    view = []
+    for field in schema:
+        if pa.types.is_struct(field.type):
+            view += oip_view(pa.schema([pa.field(f"{field.name}.{f.name}", f.type) for f in field.type]))
+            continue
+        try:
+            oip_datatype(field.type)
+        except Unimplemented:
+            continue
+        view.append((field.name, field.type))
+    return view
 
-    def __init__(self, model: str, column: str, arrow_type: pa.DataType) -> None:
+
+class TensorDecoder:
+    """Decodes one contract column from an OIP input tensor; built once per model version.
+    ``alternatives`` are decoders for the datatypes of declared cast sources."""
+
+    def __init__(
+        self, model: str, column: str, arrow_type: pa.DataType, cast_from: Sequence[pa.DataType] = ()
+    ) -> None:
+        self.alternatives: dict[str, TensorDecoder] = {}
+        for source in cast_from:
+            try:
+                alt = TensorDecoder(model, column, source)
+            except Unimplemented:
+                continue
+            self.alternatives.setdefault(alt.datatype, alt)
         self.model = model
         self.column = column
         self.arrow_type = arrow_type
@@ -112,14 +138,24 @@ class TensorDecoder:
         self.per_row = int(np.prod(self.row_shape)) if self.row_shape else 1
         self.metadata_shape = oip_shape(arrow_type)
 
+    def for_datatype(self, datatype: str) -> TensorDecoder:
+        """This decoder, or the one of a declared cast source sending ``datatype``."""
+        if datatype == self.datatype:
+            return self
+        alt = self.alternatives.get(datatype)
+        if alt is None:
+            expected = "' or '".join([self.datatype, *self.alternatives])
+            raise InvalidInput(
+                f"inference input '{self.column}' data-type is '{datatype}', model '{self.model}' expects "
+                f"'{expected}'",
+                model=self.model, column=self.column, expected=self.datatype, got=datatype,
+            )
+        return alt
+
     def rows(self, shape: Sequence[int], datatype: str) -> int:
         """Validate datatype and shape; return the batch size N."""
         if datatype != self.datatype:
-            raise InvalidInput(
-                f"inference input '{self.column}' data-type is '{datatype}', model '{self.model}' expects "
-                f"'{self.datatype}'",
-                model=self.model, column=self.column, expected=self.datatype, got=datatype,
-            )
+            return self.for_datatype(datatype).rows(shape, datatype)
         shape = list(shape)
         ok = len(shape) >= 1 and all(d >= 0 for d in shape) and (
             tuple(shape[1:]) == self.row_shape or (not self.row_shape and shape[1:] == [1])
@@ -189,9 +225,10 @@ class TensorDecoder:
             ) from None
 
     def _nest(self, flat: pa.Array) -> pa.Array:
+        if is_fixed_shape_tensor(self.arrow_type):
+            storage = pa.FixedSizeListArray.from_arrays(flat, self.per_row)
+            return pa.ExtensionArray.from_storage(self.arrow_type, storage)
         out = flat
-        if self.elem != flat.type:  # timestamps/dates travel as integers
-            out = pa.Array.from_buffers(self.elem, len(flat), flat.buffers(), offset=flat.offset)
         for d in reversed(self.row_shape):
             out = pa.FixedSizeListArray.from_arrays(out, d)
         return out
@@ -316,6 +353,9 @@ def encode_column(array: pa.Array) -> tuple[str, list[int], bytes]:
     datatype = oip_datatype(t)
     flat = array
     dims: list[int] = []
+    if is_fixed_shape_tensor(t):
+        dims = list(t.shape)
+        flat = list_values(array.storage)
     while pa.types.is_fixed_size_list(flat.type):
         dims.append(flat.type.list_size)
         flat = list_values(flat)

@@ -16,7 +16,7 @@ from .._proto import grpc_service_pb2 as pb
 from .._proto import model_config_pb2 as mc
 from ..arrow_types import row_shape
 from ..registry import ModelRegistry, ModelVersion
-from .oip_codec import oip_datatype
+from .oip_codec import oip_datatype, oip_view
 
 UNLIMITED_BATCH = 2**31 - 1  # max_batch_size advertised when the server sets no limit
 
@@ -60,14 +60,14 @@ def model_config(entry: ModelVersion, registry: ModelRegistry) -> mc.ModelConfig
             )
         ],
     )
-    for field in contract.input_schema:
-        dims, reshape = _tensor_dims(field.type)
-        tensor = config.input.add(name=field.name, data_type=data_type(field.type), dims=dims)
+    for name, arrow_type in oip_view(contract.input_schema):
+        dims, reshape = _tensor_dims(arrow_type)
+        tensor = config.input.add(name=name, data_type=data_type(arrow_type), dims=dims)
         if reshape:
             tensor.reshape.SetInParent()  # reshape { shape: [] }: [N, 1] on the wire, [N] in the model
-    for field in contract.output_schema:
-        dims, reshape = _tensor_dims(field.type)
-        tensor = config.output.add(name=field.name, data_type=data_type(field.type), dims=dims)
+    for name, arrow_type in oip_view(contract.output_schema):
+        dims, reshape = _tensor_dims(arrow_type)
+        tensor = config.output.add(name=name, data_type=data_type(arrow_type), dims=dims)
         if reshape:
             tensor.reshape.SetInParent()
     return config
