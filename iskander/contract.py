@@ -240,6 +240,12 @@ class Contract:
     def _read(self, binding: InputBinding, part: Part, arr: pa.Array) -> np.ndarray:
         try:
             return part.read(arr)
+        except pa.ArrowException as exc:  # e.g. a utf8 column holding bytes that are not UTF-8
+            what = "holds bytes that are not valid UTF-8" if element_type(part.type) in STRING_TYPES[:2] \
+                else f"could not be read: {exc}"
+            raise InvalidInput(
+                f"column '{part.label}' of model '{self.model}' {what}", model=self.model, column=part.label
+            ) from None
         except NullValues:
             if binding.nulls == "fill":
                 return read_filled(arr, binding.fill, unit_dim=part.unit_dim)

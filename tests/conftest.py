@@ -46,6 +46,10 @@ name = "ints"
 path = "{root}/ints.onnx"
 
 [[models]]
+name = "strings"
+path = "{root}/strings.onnx"
+
+[[models]]
 name = "small_batch"
 path = "{root}/tabular.onnx"
 manifest = "{root}/tabular.manifest.toml"

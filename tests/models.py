@@ -128,6 +128,19 @@ type = "fixed_size_list<float32>[2]"
 """
 
 
+def build_strings(path: Path) -> Path:
+    """word: string [N] -> upper: string [N] (StringNormalizer), to exercise string tensors."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("StringNormalizer", ["word"], ["upper"], case_change_action="UPPER", locale="C")],
+        "strings",
+        [helper.make_tensor_value_info("word", TensorProto.STRING, ["N"])],
+        [helper.make_tensor_value_info("upper", TensorProto.STRING, ["N"])],
+    )
+    return _save(graph, path)
+
+
 def build_all(root: Path) -> Path:
     """Every test model under root, with manifests; returns root."""
     build_demo(root)
@@ -135,6 +148,7 @@ def build_all(root: Path) -> Path:
     build_sklearn(root / "sklearn.onnx")
     build_alltypes(root / "alltypes.onnx")
     build_alltypes(root / "ints.onnx", halfs=False)
+    build_strings(root / "strings.onnx")
     (root / "sklearn.manifest.toml").write_text(SKLEARN_MANIFEST)
     (root / "broken.onnx").write_bytes(b"this is not an onnx model")
     return root

@@ -123,7 +123,7 @@ def test_version_in_descriptor(client):
 def test_list_flights_names_every_model(client):
     infos = list(client.list_flights())
     names = sorted(i.descriptor.path[0].decode() for i in infos)
-    assert names == ["alltypes", "dtypes", "ints", "sklearn", "small_batch", "tabular", "two_tower"]
+    assert names == ["alltypes", "dtypes", "ints", "sklearn", "small_batch", "strings", "tabular", "two_tower"]
 
 
 def test_get_schema_is_what_exchange_accepts(client):
@@ -292,3 +292,14 @@ def test_sigterm_stops_the_server_cleanly(models_dir, tmp_path):
         assert "stopped" in running.log()
     finally:
         running.stop()
+
+
+def test_invalid_utf8_in_a_string_column_is_a_client_error(client, models_dir):
+    """Arrow C++ does not validate utf8 on IPC read, so a producer can send bytes that are not UTF-8;
+    a column the model consumes as a string tensor must be refused as bad input, not INTERNAL."""
+    bad = pa.Array.from_buffers(pa.utf8(), 1, [None, pa.py_buffer(np.array([0, 2], np.int32)),
+                                               pa.py_buffer(b"\xff\xfe")])
+    batch = pa.record_batch({"word": bad})
+    msg, info = expect_error(client, flight.FlightDescriptor.for_path("strings"), batch)
+    assert info["code"] == "INVALID_ARGUMENT" and info["column"] == "word"
+    assert "column 'word' of model 'strings' holds bytes that are not valid UTF-8" in msg
