@@ -114,6 +114,11 @@ class ModelRegistry:
                 new = load_model(old.settings)
                 if new.state is ModelState.READY or old.state is not ModelState.READY:
                     self._store(new)
+                else:
+                    log.error(
+                        "model %s version %s: reload failed, the loaded version keeps serving: %s",
+                        new.name, new.version, new.reason,
+                    )
                 if new.state is not ModelState.READY:
                     failed.append(new)
         self._notify()

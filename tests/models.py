@@ -157,7 +157,10 @@ def build_all(root: Path) -> Path:
 def reference(path: Path, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
     """onnxruntime in process on the same file: what the server must return. bfloat16 inputs are
     given as uint16 bit patterns (numpy has no bfloat16) and passed as OrtValues."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # the server's default: same thread count, same summation order
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     bf16 = {i.name for i in session.get_inputs() if i.type == "tensor(bfloat16)"}
     feeds = {
         k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v, 16) if k in bf16 else v for k, v in feeds.items()

@@ -6,7 +6,8 @@ Conventions (docs/flight.md):
   on the same stream, so one stream carries many micro-batches;
 - ``GetSchema``: the input schema a DoExchange must send; ``GetFlightInfo``: the same, plus the model
   metadata (output schema included) as JSON in ``app_metadata``;
-- actions: ``health``, ``ready``, ``list_models``, ``model_metadata``.
+- actions (``ListActions`` describes each): health, readiness, model listing and metadata,
+  statistics, repository index, load and unload.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ ACTIONS = {
     "version. Body: empty, a model name, or JSON {\"name\": ..., \"version\": ...}.",
     "repository_index": "Every configured model version with state and reason. Body: empty, or JSON "
     '{"ready": true} for ready versions only.',
-    "load_model": "(Re)load a configured model by name (never a path). Body: UTF-8 model name.",
-    "unload_model": "Stop serving a model; requests already running finish. Body: UTF-8 model name.",
+    "load_model": "(Re)load a configured model by name (never a path). Body: UTF-8 model name or JSON "
+    '{"name": ...}.',
+    "unload_model": "Stop serving a model; requests already running finish. Body: UTF-8 model name or JSON "
+    '{"name": ...}.',
 }
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent import futures
 
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 
 import grpc
@@ -100,15 +102,18 @@ class _ModelCodec:
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
-        # keyed by the contract object itself (not id()), so a reloaded model can never hit a stale codec
-        self._codecs: dict[object, _ModelCodec] = {}
+        # Keyed weakly by the contract object: a reloaded model gets a fresh codec and the old one
+        # goes with its contract.
+        self._codecs: weakref.WeakKeyDictionary[object, _ModelCodec] = weakref.WeakKeyDictionary()
+        self._codecs_lock = threading.Lock()
 
     def _codec(self, entry: ModelVersion) -> _ModelCodec:
         key = entry.contract
         codec = self._codecs.get(key)
         if codec is None:
-            codec = _ModelCodec(entry)
-            self._codecs = {**self._codecs, key: codec}  # copy-on-write: readers never lock
+            with self._codecs_lock:
+                codec = self._codecs.get(key) or _ModelCodec(entry)
+                self._codecs[key] = codec
         return codec
 
     # --- health and metadata ----------------------------------------------------------------------
@@ -207,7 +212,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         entry = self.core.model(model, request.model_version or None)
         try:
             batch = self._to_batch(request, self._codec(entry), model)
-        except IskanderError:
+        except Exception:
             self.core.record_failure(entry, received_ns)
             raise
         requested: Sequence[str] = list(dict.fromkeys(o.name for o in request.outputs))

@@ -56,7 +56,10 @@ def model_config(entry: ModelVersion, registry: ModelRegistry) -> mc.ModelConfig
         ),
         instance_group=[
             mc.ModelInstanceGroup(
-                name=f"{entry.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU, count=entry.settings.instances
+                name=f"{entry.name}_0",
+                kind=mc.ModelInstanceGroup.KIND_GPU
+                if entry.settings.execution_providers[0] in ("cuda", "tensorrt") else mc.ModelInstanceGroup.KIND_CPU,
+                count=entry.settings.instances,
             )
         ],
     )
