@@ -78,17 +78,24 @@ class InferenceCore:
                     model=model, expected=limit, got=batch.num_rows,
                 )
             selected = contract.select_outputs(outputs)
-            start = time.perf_counter_ns()  # no scheduler queue yet: queue is lookup time
+            start = time.perf_counter_ns()
             prepared = contract.prepare(batch)
             if prepared.rows == 0:
                 out = contract.empty_output(prepared, selected)
                 stats.record_success(time.perf_counter_ns() - received, None, 0)
                 return InferResult(model, entry.version, out)
             prepared_at = time.perf_counter_ns()
-            tensors = contract.run_tensors(selected)
-            results = backend.run(tensors, prepared.feeds, model)
+            if entry.batcher is not None:
+                run = entry.batcher.run(prepared.feeds, prepared.rows)
+                results, queued_ns, infer_ns = run.results, run.queue_ns, run.infer_ns
+                batch_rows, new_execution = run.batch_rows, run.first
+            else:
+                tensors = contract.run_tensors(selected)
+                results = dict(zip(tensors, backend.run(tensors, prepared.feeds, model)))
+                queued_ns, batch_rows, new_execution = 0, prepared.rows, True
+                infer_ns = time.perf_counter_ns() - prepared_at
             ran_at = time.perf_counter_ns()
-            out = contract.assemble(prepared, selected, dict(zip(tensors, results)))
+            out = contract.assemble(prepared, selected, results)
             done = time.perf_counter_ns()
         except Exception:  # client mistakes and server faults alike count as failures
             stats.record_failure(time.perf_counter_ns() - received)
@@ -96,11 +103,12 @@ class InferenceCore:
         stats.record_success(
             done - received,
             Execution(
-                queue_ns=start - entered,
+                queue_ns=(start - entered) + queued_ns,
                 input_ns=(entered - received) + (prepared_at - start),
-                infer_ns=ran_at - prepared_at,
+                infer_ns=infer_ns,
                 output_ns=done - ran_at,
-                rows=prepared.rows,
+                rows=batch_rows,
+                new_execution=new_execution,
             ),
             prepared.rows,
         )

@@ -18,6 +18,7 @@ from .contract import Contract, compile_contract
 from .errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
 from .manifest import load_manifest
 from .onnx_backend import OnnxBackend
+from .batcher import Batcher
 from .settings import ModelSettings
 from .stats import ModelStats
 
@@ -38,6 +39,7 @@ class ModelVersion:
     contract: Contract | None = None
     backend: OnnxBackend | None = None
     unloaded: bool = False  # unloaded on request: not counted against server readiness
+    batcher: Batcher | None = attrs.field(default=None, eq=False, repr=False)
     stats: ModelStats | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
@@ -61,7 +63,13 @@ def load_model(settings: ModelSettings) -> ModelVersion:
         contract = compile_contract(settings.name, manifest, backend.inputs, backend.outputs)
     except (ModelLoadError, ConfigError) as exc:
         return ModelVersion(settings, ModelState.UNAVAILABLE, reason=str(exc))
-    return ModelVersion(settings, ModelState.READY, contract=contract, backend=backend)
+    batcher = None
+    if settings.dynamic_batching is not None:
+        batcher = Batcher(
+            backend, contract.run_tensors(contract.outputs), settings.dynamic_batching, settings.name,
+            workers=settings.instances,
+        )
+    return ModelVersion(settings, ModelState.READY, contract=contract, backend=backend, batcher=batcher)
 
 
 class ModelRegistry:
@@ -146,8 +154,11 @@ class ModelRegistry:
         with self._lock:
             # copy-on-write: readers iterate a dict that is never mutated under them
             versions = dict(self._entries[entry.name])
+            old = versions.get(entry.settings.version)
             versions[entry.settings.version] = entry
             self._entries = {**self._entries, entry.name: versions}
+        if old is not None and old.batcher is not None and old.batcher is not entry.batcher:
+            old.batcher.close()  # queued requests still run; later ones go to the new entry
         if quiet:
             return
         if entry.state is ModelState.READY:

@@ -43,6 +43,15 @@ EXECUTION_PROVIDERS = {
 
 
 @attrs.frozen
+class DynamicBatching:
+    """Requests for one model, from both frontends, queue together and run as one onnxruntime call."""
+
+    max_batch_rows: int = 1024  # rows in one merged execution
+    max_queue_delay_us: int = 500  # longest a request waits for others to join it
+    preferred_batch_rows: tuple[int, ...] = ()  # run at once when the queued rows reach one of these
+
+
+@attrs.frozen
 class ModelSettings:
     name: str
     path: Path
@@ -57,6 +66,7 @@ class ModelSettings:
     memory_pattern: bool = True
     instances: int = 1
     max_batch_size: int = 0  # rows per request; 0 = no limit (advertised to Triton clients as 2^31-1)
+    dynamic_batching: DynamicBatching | None = None  # off unless configured
 
     @property
     def manifest_path(self) -> Path:
@@ -92,8 +102,9 @@ class Settings:
 _MODEL_KEYS = {
     "name", "backend", "path", "version", "manifest", "execution_providers", "intra_threads",
     "inter_threads", "optimization_level", "parallel_execution", "memory_pattern", "instances",
-    "max_batch_size",
+    "max_batch_size", "dynamic_batching",
 }
+_BATCHING_KEYS = {"max_batch_rows", "max_queue_delay_us", "preferred_batch_rows"}
 _SERVER_KEYS = {"host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds"}
 
 
@@ -205,7 +216,33 @@ def _parse_model(table: Any, index: int, base: Path, source: Path | str) -> Mode
         memory_pattern=_typed(where, table, "memory_pattern", bool, True),
         instances=instances,
         max_batch_size=_nonneg(where, "max_batch_size", _typed(where, table, "max_batch_size", int, 0)),
+        dynamic_batching=_parse_batching(where, table.get("dynamic_batching")),
     )
+
+
+def _parse_batching(where: _Where, table: Any) -> DynamicBatching | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise where.error("dynamic_batching", "must be a table, e.g. dynamic_batching = { max_queue_delay_us = 500 }")
+    unknown = sorted(set(table) - _BATCHING_KEYS)
+    if unknown:
+        raise where.error(
+            f"dynamic_batching.{unknown[0]}", f"unknown key (known keys: {', '.join(sorted(_BATCHING_KEYS))})"
+        )
+    d = DynamicBatching()
+    rows = _typed(where, table, "max_batch_rows", int, d.max_batch_rows)
+    if rows < 1:
+        raise where.error("dynamic_batching.max_batch_rows", f"must be >= 1, got {rows}")
+    delay = _typed(where, table, "max_queue_delay_us", int, d.max_queue_delay_us)
+    if delay < 0:
+        raise where.error("dynamic_batching.max_queue_delay_us", f"must be >= 0, got {delay}")
+    preferred = _typed(where, table, "preferred_batch_rows", list, [])
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= rows for p in preferred):
+        raise where.error(
+            "dynamic_batching.preferred_batch_rows", f"must be integers in 1..max_batch_rows ({rows}), got {preferred}"
+        )
+    return DynamicBatching(max_batch_rows=rows, max_queue_delay_us=delay, preferred_batch_rows=tuple(sorted(preferred)))
 
 
 def _parse_server(table: Any, source: Path | str) -> ServerSettings:

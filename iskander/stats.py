@@ -2,8 +2,9 @@
 
 Counts and durations (ns) for success, fail, queue, compute_input, compute_infer and
 compute_output; per-batch-size compute stats; inference_count (rows) vs execution_count (backend
-runs); last inference time. Queue and the three compute counters count executions and grow
-together. One lock per model version: updates are a few integer adds.
+runs); last inference time. Queue and the three compute counters grow with every successful
+request that ran the model (together); execution_count and batch_stats grow once per execution,
+which under dynamic batching serves several requests. One lock per model version.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Execution:
     input_ns: int
     infer_ns: int
     output_ns: int
-    rows: int
+    rows: int  # rows of the execution (the merged batch under dynamic batching)
+    new_execution: bool = True  # False for the 2nd..nth request of one batched execution
 
 
 class ModelStats:
@@ -69,11 +71,14 @@ class ModelStats:
             self.inference_count += rows
             self.last_inference_ms = now_ms
             if execution is not None:
-                self.execution_count += 1
+                # per request, as Triton: each request of a batch is charged the batch's compute time
                 self.queue.add(execution.queue_ns)
                 self.compute_input.add(execution.input_ns)
                 self.compute_infer.add(execution.infer_ns)
                 self.compute_output.add(execution.output_ns)
+                if not execution.new_execution:
+                    return
+                self.execution_count += 1
                 batch = self.batches.get(execution.rows)
                 if batch is None:
                     batch = self.batches[execution.rows] = BatchStats()

@@ -93,6 +93,12 @@ def test_defaults_and_server_table(tmp_path):
     ('[server]\ngrpc_port = 70000\n[[models]]\nname = "m"\npath = "m.onnx"\n',
      "key 'server.grpc_port': must be a port number"),
     ('[server]\nport = 1\n[[models]]\nname = "m"\npath = "m.onnx"\n', "key 'server.port': unknown key"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\ndynamic_batching = { max_batch_rows = 0 }\n',
+     "model 'm', key 'dynamic_batching.max_batch_rows': must be >= 1, got 0"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\ndynamic_batching = { max_delay = 5 }\n',
+     "model 'm', key 'dynamic_batching.max_delay': unknown key"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\ndynamic_batching = { preferred_batch_rows = [4096] }\n',
+     "model 'm', key 'dynamic_batching.preferred_batch_rows': must be integers in 1..max_batch_rows (1024)"),
     ('', "key 'models': at least one [[models]] table is required"),
     ('[[models]\n', "invalid TOML"),
 ])

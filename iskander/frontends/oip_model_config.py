@@ -2,8 +2,8 @@
 
 Follows Triton's ONNX conventions so perf_analyzer and Triton clients read them as they read
 Triton's: dims exclude the batch dimension; a one-value-per-row column is dims [1] with
-``reshape { shape: [] }``; no ``dynamic_batching`` block (the server does not batch requests
-together).
+``reshape { shape: [] }``; a ``dynamic_batching`` block exactly when the model's config turns
+dynamic batching on.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def _tensor_dims(arrow_type: pa.DataType) -> tuple[list[int], bool]:
 def max_batch_size(entry: ModelVersion) -> int:
     if entry.settings.max_batch_size:
         return entry.settings.max_batch_size
+    if entry.settings.dynamic_batching is not None:
+        return entry.settings.dynamic_batching.max_batch_rows
     assert entry.contract is not None
     fixed = [b.fixed_rows for b in entry.contract.inputs if b.fixed_rows is not None]
     return min(fixed) if fixed else UNLIMITED_BATCH
@@ -63,6 +65,11 @@ def model_config(entry: ModelVersion, registry: ModelRegistry) -> mc.ModelConfig
             )
         ],
     )
+    batching = entry.settings.dynamic_batching
+    if batching is not None:  # present exactly when requests are batched together
+        config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+        config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_rows)
+        config.dynamic_batching.SetInParent()
     for name, arrow_type in oip_view(contract.input_schema):
         dims, reshape = _tensor_dims(arrow_type)
         tensor = config.input.add(name=name, data_type=data_type(arrow_type), dims=dims)

@@ -1,0 +1,148 @@
+"""Dynamic batching: requests for one model version, from both frontends, queue together, run as
+one onnxruntime call and are split back in order.
+
+Requests are validated and converted to tensors before they queue, so a malformed request fails
+alone before batching. If a merged run fails (a bad value that only the model notices), each
+request of that batch is re-run on its own so only the culprit fails. Worker threads (one per
+session instance) take batches off one shared queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+
+from .onnx_backend import OnnxBackend
+from .settings import DynamicBatching
+
+log = logging.getLogger("iskander.batcher")
+
+
+@attrs.define
+class BatchRun:
+    """What a request gets back: its rows of every output tensor and the batch's timings."""
+
+    results: dict[str, np.ndarray]
+    queue_ns: int
+    infer_ns: int
+    batch_rows: int
+    first: bool  # the first request of its execution (counts the execution once)
+
+
+@attrs.define(eq=False)
+class _Pending:
+    feeds: dict[str, np.ndarray]
+    rows: int
+    enqueued: int
+    done: threading.Event = attrs.Factory(threading.Event)
+    run: BatchRun | None = None
+    error: BaseException | None = None
+
+
+_STOP = object()
+
+
+class Batcher:
+    def __init__(
+        self, backend: OnnxBackend, tensors: Sequence[str], settings: DynamicBatching, model: str, workers: int = 1
+    ) -> None:
+        self.backend = backend
+        self.tensors = list(tensors)
+        self.settings = settings
+        self.model = model
+        self.delay_ns = settings.max_queue_delay_us * 1000
+        self.preferred = frozenset(settings.preferred_batch_rows)
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._carry_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{model}-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # --- request side -------------------------------------------------------------------------------
+
+    def run(self, feeds: dict[str, np.ndarray], rows: int) -> BatchRun:
+        """Queue one request's tensors and wait for its share of a batched execution."""
+        now = time.perf_counter_ns()
+        if self._closed or rows >= self.settings.max_batch_rows:
+            return self._run_alone(feeds, rows, now)  # nothing to gain from waiting
+        item = _Pending(feeds, rows, now)
+        self._queue.put(item)
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        assert item.run is not None
+        return item.run
+
+    def _run_alone(self, feeds: dict[str, np.ndarray], rows: int, enqueued: int) -> BatchRun:
+        start = time.perf_counter_ns()
+        results = self.backend.run(self.tensors, feeds, self.model)
+        return BatchRun(dict(zip(self.tensors, results)), start - enqueued, time.perf_counter_ns() - start, rows, True)
+
+    def close(self) -> None:
+        """Stop the workers after the queued requests ran; later requests run unbatched."""
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put(_STOP)
+
+    # --- worker side --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        carry = None
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            carry = None
+            if first is _STOP:
+                return
+            group = [first]
+            rows = first.rows
+            deadline = first.enqueued + self.delay_ns
+            while rows < self.settings.max_batch_rows and rows not in self.preferred:
+                remaining = (deadline - time.perf_counter_ns()) / 1e9
+                try:
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP or rows + item.rows > self.settings.max_batch_rows:
+                    carry = item  # starts the next batch (or stops this worker after this batch)
+                    break
+                group.append(item)
+                rows += item.rows
+            self._execute(group, rows)
+
+    def _execute(self, group: list[_Pending], rows: int) -> None:
+        start = time.perf_counter_ns()
+        try:
+            if len(group) == 1:
+                results = self.backend.run(self.tensors, group[0].feeds, self.model)
+            else:
+                merged = {name: np.concatenate([g.feeds[name] for g in group]) for name in group[0].feeds}
+                results = self.backend.run(self.tensors, merged, self.model)
+        except Exception as exc:  # noqa: BLE001 - answered per request below
+            if len(group) == 1:
+                group[0].error = exc
+                group[0].done.set()
+                return
+            log.info("batched run of %d requests for model %s failed; running them one by one", len(group), self.model)
+            for item in group:
+                try:
+                    item.run = self._run_alone(item.feeds, item.rows, item.enqueued)
+                except Exception as single:  # noqa: BLE001
+                    item.error = single
+                item.done.set()
+            return
+        infer_ns = time.perf_counter_ns() - start
+        offset = 0
+        for i, item in enumerate(group):
+            share = {name: r[offset:offset + item.rows] for name, r in zip(self.tensors, results)}
+            offset += item.rows
+            item.run = BatchRun(share, start - item.enqueued, infer_ns, rows, i == 0)
+            item.done.set()

@@ -1,0 +1,143 @@
+"""Dynamic batching: concurrent requests from both frontends merge into fewer executions, answers
+are split back correctly, and a request the model rejects fails alone."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+import tritonclient.grpc as triton
+
+from data import tabular_batch
+from iskander.launch import spawn_server
+from models import reference
+
+CONFIG = """\
+[[models]]
+name = "batched"
+path = "{root}/tabular.onnx"
+dynamic_batching = {{ max_batch_rows = 64, max_queue_delay_us = 20000, preferred_batch_rows = [64] }}
+"""
+
+
+@pytest.fixture(scope="module")
+def batched_server(models_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("batched")
+    config = tmp / "config.toml"
+    config.write_text(CONFIG.format(root=models_dir))
+    server = spawn_server(config, tmp / "server.log")
+    yield server
+    server.stop()
+
+
+def flight_one(uri: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+    c = flight.connect(uri)
+    try:
+        writer, reader = c.do_exchange(flight.FlightDescriptor.for_path("batched"))
+        with writer:
+            writer.begin(batch.schema)
+            writer.write_batch(batch)
+            out = reader.read_chunk().data
+            writer.done_writing()
+        return out
+    finally:
+        c.close()
+
+
+def oip_one(url: str, batch: pa.RecordBatch) -> np.ndarray:
+    c = triton.InferenceServerClient(url)
+    try:
+        inputs = []
+        n = batch.num_rows
+        ids = np.array([s.encode() for s in batch.column("entity_id").to_pylist()], dtype=np.object_)
+        feats = batch.column("features").flatten().to_numpy().reshape(n, 4)
+        for name, data, dtype in (("entity_id", ids.reshape(n, 1), "BYTES"), ("features", feats, "FP32"),
+                                  ("category", batch.column("category").to_numpy().reshape(n, 1), "INT64")):
+            t = triton.InferInput(name, list(data.shape), dtype)
+            t.set_data_from_numpy(data)
+            inputs.append(t)
+        return c.infer("batched", inputs).as_numpy("score").reshape(-1)
+    finally:
+        c.close()
+
+
+def stats(url: str) -> dict:
+    c = triton.InferenceServerClient(url)
+    try:
+        return c.get_inference_statistics("batched", "1", as_json=True)["model_stats"][0]
+    finally:
+        c.close()
+
+
+def test_model_config_advertises_dynamic_batching(batched_server):
+    c = triton.InferenceServerClient(batched_server.grpc_url)
+    config = c.get_model_config("batched", as_json=True)["config"]
+    c.close()
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "20000"
+    assert config["dynamic_batching"]["preferred_batch_size"] == [64]
+    assert int(config["max_batch_size"]) == 64
+
+
+def test_concurrent_requests_from_both_protocols_merge_and_split_back(batched_server, models_dir):
+    before = stats(batched_server.grpc_url)
+    requests = [tabular_batch(1 + i % 3, seed=100 + i) for i in range(24)]
+
+    def send(i: int):
+        batch, feeds = requests[i]
+        if i % 2:
+            got = flight_one(batched_server.flight_uri, batch)
+            assert got.column("entity_id").equals(batch.column("entity_id"))
+            return got.column("score").to_numpy()
+        return oip_one(batched_server.grpc_url, batch)
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(send, range(len(requests))))
+    for (batch, feeds), got in zip(requests, results):
+        ref = reference(models_dir / "tabular.onnx", feeds)["probability"].reshape(-1)
+        np.testing.assert_allclose(got, ref, rtol=1e-6)  # batched GEMM may sum in another order
+    after = stats(batched_server.grpc_url)
+    requests_run = int(after["inference_stats"]["success"]["count"]) - int(
+        before["inference_stats"].get("success", {}).get("count", 0))
+    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    rows = int(after["inference_count"]) - int(before.get("inference_count", 0))
+    assert requests_run == 24
+    assert rows == sum(b.num_rows for b, _ in requests)
+    assert executions < 24  # requests were merged
+    assert int(after["inference_stats"]["queue"]["count"]) - int(
+        before["inference_stats"].get("queue", {}).get("count", 0)) == 24
+
+
+def test_a_request_the_model_rejects_fails_alone(batched_server):
+    good = [tabular_batch(2, seed=200 + i)[0] for i in range(6)]
+    bad, _ = tabular_batch(2, seed=300)
+    bad = bad.set_column(2, "category", pa.array([1, 99], pa.int64()))  # Gather index out of range
+    outcomes: dict[int, object] = {}
+    barrier = threading.Barrier(7)
+
+    def send(i: int) -> None:
+        batch = bad if i == 6 else good[i]
+        barrier.wait(timeout=10)
+        try:
+            outcomes[i] = flight_one(batched_server.flight_uri, batch).num_rows
+        except flight.FlightError as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert [outcomes[i] for i in range(6)] == [2] * 6
+    assert isinstance(outcomes[6], flight.FlightError)
+    assert "model 'batched' rejected the input" in str(outcomes[6])
+
+
+def test_single_large_request_runs_without_waiting(batched_server, models_dir):
+    batch, feeds = tabular_batch(500, seed=7)  # above max_batch_rows: runs alone
+    got = flight_one(batched_server.flight_uri, batch)
+    ref = reference(models_dir / "tabular.onnx", feeds)["probability"].reshape(-1)
+    np.testing.assert_array_equal(got.column("score").to_numpy(), ref)
