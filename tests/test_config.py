@@ -134,7 +134,7 @@ def test_cli_help_lists_the_flags():
 
 def test_embedded_default_config_is_valid():
     s = load_config(default_config_path())
-    assert {m.name for m in s.models} == {"two_tower", "tabular"}
+    assert {m.name for m in s.models} == {"two_tower", "tabular", "movielens-two-tower"}
     assert all(m.path.is_file() and m.manifest_path.is_file() for m in s.models)
 
 

@@ -161,6 +161,14 @@ name = "tabular"
 backend = "onnx"
 path = "tabular.onnx"
 intra_threads = 1
+
+# The quickstart recommender, trained on synthetic MovieLens-100K-shaped data by
+# configs/movielens-two-tower/train_two_tower.py (which writes the .onnx and manifest here).
+[[models]]
+name = "movielens-two-tower"
+backend = "onnx"
+path = "movielens_two_tower.onnx"
+intra_threads = 1
 """
 
 
