@@ -283,7 +283,7 @@ class Contract:
                 else:
                     pieces[part.tensor][part.slot] = tensor
         for name, parts in pieces.items():
-            feeds[name] = np.concatenate([p.reshape(n, -1) for p in parts], axis=1)  # one copy
+            feeds[name] = np.concatenate(parts, axis=1)  # parts are [N, w] each; one copy
         passthrough = {f.name: batch.column(i) for f, i in zip(self.passthrough, pass_idx)}
         keys = {}
         for name in self._key_names:

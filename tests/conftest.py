@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from iskander.launch import ServerProcess, spawn_server
+from helpers import serving
+from iskander.launch import ServerProcess
 from models import build_all
 
 @pytest.fixture(scope="session")
@@ -61,12 +62,8 @@ instances = 2
 @pytest.fixture(scope="session")
 def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server with every good test model, shared by the protocol tests."""
-    tmp = tmp_path_factory.mktemp("server")
-    config = tmp / "config.toml"
-    config.write_text(MAIN_CONFIG.format(root=models_dir))
-    running = spawn_server(config, tmp / "server.log")
-    yield running
-    running.stop()
+    with serving(tmp_path_factory.mktemp("server"), MAIN_CONFIG.format(root=models_dir)) as running:
+        yield running
 
 
 FAULTY_CONFIG = """\
@@ -83,9 +80,5 @@ path = "{root}/broken.onnx"
 @pytest.fixture(scope="session")
 def faulty_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server where one model fails to load while another serves."""
-    tmp = tmp_path_factory.mktemp("faulty")
-    config = tmp / "config.toml"
-    config.write_text(FAULTY_CONFIG.format(root=models_dir))
-    running = spawn_server(config, tmp / "server.log")
-    yield running
-    running.stop()
+    with serving(tmp_path_factory.mktemp("faulty"), FAULTY_CONFIG.format(root=models_dir)) as running:
+        yield running

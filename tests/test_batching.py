@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from data import tabular_batch
-from iskander.launch import spawn_server
+from helpers import exchange, serving
 from models import reference
 
 CONFIG = """\
@@ -26,26 +26,12 @@ dynamic_batching = {{ max_batch_rows = 64, max_queue_delay_us = 20000, preferred
 
 @pytest.fixture(scope="module")
 def batched_server(models_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("batched")
-    config = tmp / "config.toml"
-    config.write_text(CONFIG.format(root=models_dir))
-    server = spawn_server(config, tmp / "server.log")
-    yield server
-    server.stop()
+    with serving(tmp_path_factory.mktemp("batched"), CONFIG.format(root=models_dir)) as server:
+        yield server
 
 
 def flight_one(uri: str, batch: pa.RecordBatch) -> pa.RecordBatch:
-    c = flight.connect(uri)
-    try:
-        writer, reader = c.do_exchange(flight.FlightDescriptor.for_path("batched"))
-        with writer:
-            writer.begin(batch.schema)
-            writer.write_batch(batch)
-            out = reader.read_chunk().data
-            writer.done_writing()
-        return out
-    finally:
-        c.close()
+    return exchange(uri, "batched", [batch])[0]
 
 
 def oip_one(url: str, batch: pa.RecordBatch) -> np.ndarray:

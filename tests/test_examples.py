@@ -18,7 +18,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from data import fsl
-from iskander.launch import spawn_server
+from helpers import exchange, serving
 from models import reference
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,25 +39,13 @@ def examples(tmp_path_factory):
     shutil.copy(CONFIGS / "tabular-scoring/churn_model.manifest.toml", root)
     energy = load_script(CONFIGS / "scientific/build_model.py").build(root)
     shutil.copy(CONFIGS / "scientific/energy.manifest.toml", root)
-    config = root / "config.toml"
-    config.write_text(f'[[models]]\nname = "churn"\npath = "{churn}"\n\n[[models]]\nname = "energy"\npath = "{energy}"\n')
-    server = spawn_server(config, root / "server.log")
-    yield server, churn, energy
-    server.stop()
+    config = f'[[models]]\nname = "churn"\npath = "{churn}"\n\n[[models]]\nname = "energy"\npath = "{energy}"\n'
+    with serving(root, config) as server:
+        yield server, churn, energy
 
 
-def exchange(uri: str, model: str, batch: pa.RecordBatch) -> pa.RecordBatch:
-    c = flight.connect(uri)
-    try:
-        writer, reader = c.do_exchange(flight.FlightDescriptor.for_path(model))
-        with writer:
-            writer.begin(batch.schema)
-            writer.write_batch(batch)
-            out = reader.read_chunk().data
-            writer.done_writing()
-        return out
-    finally:
-        c.close()
+def exchange_one(uri: str, model: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+    return exchange(uri, model, [batch])[0]
 
 
 def test_committed_example_artifacts_are_what_the_scripts_build(tmp_path):
@@ -103,7 +91,7 @@ def test_tabular_scoring_over_flight_with_casts_and_fills(examples):
         "discount_rate": pa.array(x[:, 4]),
         "devices": pa.array(x[:, 5].astype(np.int32)),
     })
-    out = exchange(server.flight_uri, "churn", batch)
+    out = exchange_one(server.flight_uri, "churn", batch)
     expected_x = x.copy()
     expected_x[::7, 3] = 365.0
     score, labels = churn_expected(churn, expected_x)
@@ -148,7 +136,7 @@ def test_tabular_scoring_undeclared_type_is_refused(examples):
         **{name: pa.array(x[:, j]) for j, name in enumerate(FEATURES)},
     }).set_column(5, "discount_rate", pa.array(["0.1", "0.2", "0.3"]))
     with pytest.raises(flight.FlightError) as info:
-        exchange(server.flight_uri, "churn", batch)
+        exchange_one(server.flight_uri, "churn", batch)
     assert "column 'discount_rate' of model 'churn' has type utf8, model expects float32" in str(info.value)
 
 
@@ -176,7 +164,7 @@ def test_scientific_float64_batch_is_cast_and_keeps_its_ids_and_timestamps(examp
         "velocity": fsl(velocity),                  # fixed_size_list<float64>[3]
         "height": height_col,                       # float64 with nulls
     })
-    out = exchange(server.flight_uri, "energy", batch)
+    out = exchange_one(server.flight_uri, "energy", batch)
     filled = height.copy()
     filled[::5] = 0.0
     ref = energy_expected(energy, mass, velocity, filled)
@@ -224,7 +212,7 @@ def test_scientific_unsafe_cast_is_a_clear_error(examples, tmp_path):
         "height": pa.array([1.0]),
     })
     try:
-        out = exchange(server.flight_uri, "energy", batch)
+        out = exchange_one(server.flight_uri, "energy", batch)
     except flight.FlightError as exc:
         assert "column 'mass' of model 'energy' cannot be cast from float64 to float32" in str(exc)
     else:  # Arrow's float64 -> float32 cast may saturate instead; then the value is inf, said plainly

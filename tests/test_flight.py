@@ -11,6 +11,7 @@ import pyarrow.flight as flight
 import pytest
 
 from data import dtypes_batch, dtypes_feeds, fsl, tabular_batch, two_tower_batch
+from helpers import exchange as shared_exchange
 from models import reference
 
 
@@ -23,15 +24,14 @@ def client(server):
 
 
 def exchange(client: flight.FlightClient, descriptor: flight.FlightDescriptor, batches: list[pa.RecordBatch]):
-    writer, reader = client.do_exchange(descriptor)
-    with writer:
-        writer.begin(batches[0].schema)
-        out = []
-        for b in batches:
-            writer.write_batch(b)
-            out.append(reader.read_chunk().data)
-        writer.done_writing()
-    return out
+    path = [p.decode() for p in descriptor.path] if descriptor.descriptor_type == flight.DescriptorType.PATH else None
+    if path is None:  # a CMD descriptor: only to check that the server refuses it
+        writer, reader = client.do_exchange(descriptor)
+        with writer:
+            writer.begin(batches[0].schema)
+            writer.write_batch(batches[0])
+            return [reader.read_chunk().data]
+    return shared_exchange(client, path[0], batches, version=path[1] if len(path) > 1 else None)
 
 
 def error_info(exc: flight.FlightError) -> dict:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from data import tabular_batch, two_tower_batch
-from iskander.launch import spawn_server
+from helpers import exchange, serving
 from models import ALLTYPES, alltypes_feeds, reference
 
 
@@ -141,12 +141,7 @@ def test_statistics_are_shared_by_both_protocols(client, server):
     before = stats_of(client, "tabular")
     batch, _ = tabular_batch(4)
     fc = flight.connect(server.flight_uri)
-    writer, reader = fc.do_exchange(flight.FlightDescriptor.for_path("tabular", "1"))
-    with writer:
-        writer.begin(batch.schema)
-        writer.write_batch(batch)
-        reader.read_chunk()
-        writer.done_writing()
+    exchange(fc, "tabular", [batch], version="1")
     inputs, _ = tabular_inputs(4)
     client.infer("tabular", inputs, model_version="1")
     after = stats_of(client, "tabular")
@@ -249,12 +244,8 @@ path = "{root}/tabular.onnx"
 
 @pytest.fixture(scope="module")
 def repo_server(models_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("repo")
-    config = tmp / "config.toml"
-    config.write_text(REPO_CONFIG.format(root=models_dir))
-    running = spawn_server(config, tmp / "server.log")
-    yield running
-    running.stop()
+    with serving(tmp_path_factory.mktemp("repo"), REPO_CONFIG.format(root=models_dir)) as running:
+        yield running
 
 
 def health(url: str, service: str) -> str:
@@ -373,10 +364,8 @@ def test_unimplemented_extensions_say_so(client):
 
 
 def test_message_size_limit_on_both_frontends(models_dir, tmp_path):
-    config = tmp_path / "config.toml"
-    config.write_text(f'[server]\nmax_message_bytes = 65536\n\n[[models]]\nname = "tabular"\npath = "{models_dir}/tabular.onnx"\n')
-    running = spawn_server(config, tmp_path / "server.log")
-    try:
+    config = f'[server]\nmax_message_bytes = 65536\n\n[[models]]\nname = "tabular"\npath = "{models_dir}/tabular.onnx"\n'
+    with serving(tmp_path, config) as running:
         c = triton.InferenceServerClient(running.grpc_url)
         big, _ = tabular_inputs(5000)  # ~100 KB of features
         with pytest.raises(InferenceServerException) as info:
@@ -398,15 +387,8 @@ def test_message_size_limit_on_both_frontends(models_dir, tmp_path):
         assert detail["code"] == "RESOURCE_EXHAUSTED" and detail["limit"] == "max_message_bytes"
         assert "exceeds max_message_bytes (65536)" in str(ferr.value)
         small_batch, _ = tabular_batch(10)
-        writer, reader = fc.do_exchange(flight.FlightDescriptor.for_path("tabular"))
-        with writer:
-            writer.begin(small_batch.schema)
-            writer.write_batch(small_batch)
-            assert reader.read_chunk().data.num_rows == 10
-            writer.done_writing()
+        assert exchange(fc, "tabular", [small_batch])[0].num_rows == 10
         fc.close()
-    finally:
-        running.stop()
 
 
 def test_typed_contents_for_every_integer_width(client, models_dir):
