@@ -156,7 +156,10 @@ def type_name(t: pa.DataType) -> str:
     if pa.types.is_list(t):
         return f"list<{type_name(t.value_type)}>"
     if is_fixed_shape_tensor(t):
-        return f"fixed_shape_tensor<{type_name(t.value_type)}>[{', '.join(str(d) for d in t.shape)}]"
+        name = f"fixed_shape_tensor<{type_name(t.value_type)}>[{', '.join(str(d) for d in t.shape)}]"
+        if t.permutation and list(t.permutation) != list(range(len(t.shape))):
+            name += f" permutation={list(t.permutation)}"
+        return name
     if pa.types.is_struct(t):
         return "struct<" + ", ".join(f"{f.name}: {type_name(f.type)}" for f in t) + ">"
     names = {

@@ -16,7 +16,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .arrow_tensor import NullValues, Reader, compile_reader, first_null_row, from_ndarray, read_filled
-from .arrow_types import ONNX_TO_ARROW, STRING_TYPES, element_type, nest_type, row_shape, type_name
+from .arrow_types import (
+    ONNX_TO_ARROW,
+    STRING_TYPES,
+    element_type,
+    is_fixed_shape_tensor,
+    nest_type,
+    row_shape,
+    type_name,
+)
 from .errors import InternalError, InvalidInput, ModelLoadError
 from .manifest import ColumnSpec, Manifest
 
@@ -108,6 +116,13 @@ def types_compatible(got: pa.DataType, expected: pa.DataType) -> bool:
             pa.types.is_fixed_size_list(got)
             and got.list_size == expected.list_size
             and types_compatible(got.value_type, expected.value_type)
+        )
+    if is_fixed_shape_tensor(expected):  # dim_names are labels only; a permutation changes the layout
+        return (
+            is_fixed_shape_tensor(got)
+            and got.value_type == expected.value_type
+            and list(got.shape) == list(expected.shape)
+            and list(got.permutation or range(len(got.shape))) == list(expected.permutation or range(len(expected.shape)))
         )
     if pa.types.is_struct(expected):
         return (

@@ -468,3 +468,23 @@ def test_fixed_shape_tensor_in_and_out(tmp_path):
     assert (datatype, shape) == ("FP32", [2, 4, 3]) and raw == (-w).tobytes()
     decoded = TensorDecoder("m", "w", column.type).from_raw(w.tobytes(), 2)
     assert decoded.type == column.type and decoded.equals(column)
+
+
+def test_fixed_shape_tensor_dim_names_are_accepted_permutations_named(tmp_path):
+    from onnx import TensorProto, helper
+
+    path = _graph_model(
+        tmp_path, "win", [helper.make_node("Neg", ["w"], ["neg"])],
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, ["N", 4, 3])],
+        [helper.make_tensor_value_info("neg", TensorProto.FLOAT, ["N", 4, 3])],
+    )
+    entry = load(path, '[[inputs]]\nname = "w"\ntype = "fixed_shape_tensor<float32>[4, 3]"\n'
+                       '[[outputs]]\nname = "neg"\ntype = "fixed_size_list<fixed_size_list<float32>[3]>[4]"\n', tmp_path)
+    w = np.ones((2, 12), np.float32)
+    named = pa.fixed_shape_tensor(pa.float32(), [4, 3], dim_names=["t", "c"])
+    column = pa.ExtensionArray.from_storage(named, fsl(w))
+    assert entry.contract.prepare(pa.record_batch({"w": column})).feeds["w"].shape == (2, 4, 3)
+    permuted = pa.fixed_shape_tensor(pa.float32(), [4, 3], permutation=[1, 0])
+    with pytest.raises(InvalidInput) as info:
+        entry.contract.prepare(pa.record_batch({"w": pa.ExtensionArray.from_storage(permuted, fsl(w))}))
+    assert "permutation=[1, 0]" in info.value.message
