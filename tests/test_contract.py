@@ -253,8 +253,11 @@ def test_variable_list_input_is_refused_at_load(tmp_path):
     [b"", b"", b""],                 # all empty
     [b"a", b"", b"longer one", b"\xc3\xbc"],  # variable lengths
     [],
+    [f"id-{i}".encode() * (i % 4) for i in range(100)],  # above the small-batch path, variable
+    [b"same"] * 100,  # above the small-batch path, equal lengths
 ])
 def test_raw_bytes_decode_and_encode(items):
+    """Round trip of raw BYTES through the decoder and encoder, on every code path."""
     raw = b"".join(len(x).to_bytes(4, "little") + x for x in items)
     arr = TensorDecoder("m", "s", pa.binary()).from_raw(raw, len(items))
     assert arr.to_pylist() == items
@@ -488,3 +491,11 @@ def test_fixed_shape_tensor_dim_names_are_accepted_permutations_named(tmp_path):
     with pytest.raises(InvalidInput) as info:
         entry.contract.prepare(pa.record_batch({"w": pa.ExtensionArray.from_storage(permuted, fsl(w))}))
     assert "permutation=[1, 0]" in info.value.message
+
+
+def test_bytes_encode_sends_nulls_as_empty_elements():
+    for n in (3, 100):
+        values = [None if i % 3 == 0 else f"v{i}" for i in range(n)]
+        _, _, raw = encode_column(pa.array(values))
+        back = TensorDecoder("m", "s", pa.utf8()).from_raw(raw, n).to_pylist()
+        assert back == [v or "" for v in values]

@@ -323,6 +323,11 @@ def _raw_bytes_to_arrow(data: bytes, count: int, elem: pa.DataType, column: str,
 def _encode_bytes(flat: pa.Array) -> bytes:
     """Arrow string/binary array -> raw BYTES, vectorised (nulls travel as empty elements)."""
     n = len(flat)
+    if n <= 32:  # a handful of ids: a Python join beats a dozen small numpy calls
+        pack = _U32.pack
+        values = flat.cast(pa.binary()).to_pylist() if pa.types.is_string(flat.type) or pa.types.is_large_string(
+            flat.type) else flat.to_pylist()
+        return b"".join(pack(len(v or b"")) + (v or b"") for v in values)
     large = flat.type in (pa.large_utf8(), pa.large_binary())
     offsets = np.frombuffer(flat.buffers()[1], dtype=np.int64 if large else np.int32, count=flat.offset + n + 1)
     offsets = offsets[flat.offset:].astype(np.int64)
