@@ -76,7 +76,8 @@ def compile_reader(arrow_type: pa.DataType, unit_dim: bool = False) -> Reader:
 
 
 def read_filled(arr: pa.Array, fill: object, unit_dim: bool = False) -> np.ndarray:
-    """Like a reader, for a column with nulls: null rows and null elements take ``fill`` (one copy)."""
+    """Like a reader, for a column with nulls: null rows and null elements take ``fill``.
+    The exceptional path: it copies (Arrow's fill_null, then numpy's masked assignment)."""
     t = arr.type
     n = len(arr)
     tail = row_shape(t) or ((1,) if unit_dim else ())

@@ -165,6 +165,7 @@ def type_name(t: pa.DataType) -> str:
     names = {
         pa.float32(): "float32", pa.float64(): "float64", pa.float16(): "float16",
         pa.utf8(): "utf8", pa.large_utf8(): "large_utf8", pa.bool_(): "bool", BFLOAT16: "bfloat16",
+        pa.date32(): "date32", pa.date64(): "date64",
     }
     return names.get(t, str(t))
 

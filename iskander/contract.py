@@ -137,7 +137,8 @@ def _elem_matches(col_elem: pa.DataType, tensor_elem: pa.DataType | None) -> boo
     if tensor_elem is None:
         return False
     if tensor_elem == pa.utf8():
-        return col_elem in STRING_TYPES
+        # onnxruntime's Python API takes string tensors as str; binary columns would arrive as reprs
+        return col_elem in (pa.utf8(), pa.large_utf8())
     return col_elem == tensor_elem
 
 
@@ -422,7 +423,14 @@ class Contract:
         sorted_codes = codes[order]
         starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
         group_start = np.repeat(starts, np.diff(np.r_[starts, n]))
-        ranks = np.empty(n, dtype=np.dtype(binding.type.to_pandas_dtype()))
+        dtype = np.dtype(binding.type.to_pandas_dtype())
+        if n > np.iinfo(dtype).max:
+            raise InvalidInput(
+                f"rank column '{binding.column}' of model '{self.model}' is {type_name(binding.type)} and cannot "
+                f"rank {n} rows; send smaller batches or declare a wider integer type",
+                model=self.model, column=binding.column,
+            )
+        ranks = np.empty(n, dtype=dtype)
         ranks[order] = np.arange(n) - group_start + 1
         return pa.array(ranks, type=binding.type)
 
@@ -545,13 +553,13 @@ def _compile_inputs(specs: Sequence[ColumnSpec], ins: dict[str, TensorInfo]) -> 
                     f"cast to {type_name(spec.type)}"
                 ) from None
         if spec.nulls == "fill":
-            try:
-                pa.scalar(spec.fill, type=element_type(_leaf_type(spec.type)))
-            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
-                raise ModelLoadError(
-                    f"manifest input '{spec.name}' fill value {spec.fill!r} is not a "
-                    f"{type_name(element_type(_leaf_type(spec.type)))}"
-                ) from None
+            for leaf in _leaf_types(spec.type):
+                try:
+                    pa.scalar(spec.fill, type=leaf)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+                    raise ModelLoadError(
+                        f"manifest input '{spec.name}' fill value {spec.fill!r} is not a {type_name(leaf)}"
+                    ) from None
         bindings.append(InputBinding(
             column=spec.name, type=spec.type, description=spec.description, parts=tuple(parts_of[spec.name]),
             nulls=spec.nulls, fill=spec.fill, cast_from=spec.cast_from, fixed_rows=fixed[spec.name],
@@ -559,8 +567,11 @@ def _compile_inputs(specs: Sequence[ColumnSpec], ins: dict[str, TensorInfo]) -> 
     return bindings
 
 
-def _leaf_type(t: pa.DataType) -> pa.DataType:
-    return t.field(0).type if pa.types.is_struct(t) else t
+def _leaf_types(t: pa.DataType) -> list[pa.DataType]:
+    """Element types a fill value must fit: one per struct field, else the column's."""
+    if pa.types.is_struct(t):
+        return [element_type(f.type) for f in t]
+    return [element_type(t)]
 
 
 def _check_output(spec: ColumnSpec, info: TensorInfo) -> OutputBinding:
@@ -624,7 +635,9 @@ def _check_output(spec: ColumnSpec, info: TensorInfo) -> OutputBinding:
     )
 
 
-def _rank_output(spec: ColumnSpec, outputs: dict[str, OutputBinding], request_columns: set[str]) -> OutputBinding:
+def _rank_output(
+    spec: ColumnSpec, outputs: dict[str, OutputBinding], request_columns: dict[str, pa.DataType]
+) -> OutputBinding:
     what = f"manifest output '{spec.name}'"
     if not pa.types.is_integer(spec.type):
         raise ModelLoadError(f"{what} has transform 'rank' and must be an integer type such as int32")
@@ -636,6 +649,11 @@ def _rank_output(spec: ColumnSpec, outputs: dict[str, OutputBinding], request_co
     if spec.group_by is not None and spec.group_by not in request_columns:
         raise ModelLoadError(
             f"{what} groups by '{spec.group_by}', which is not a request column (inputs or passthrough)"
+        )
+    if spec.group_by is not None and pa.types.is_nested(request_columns[spec.group_by]):
+        raise ModelLoadError(
+            f"{what} groups by '{spec.group_by}', which is {type_name(request_columns[spec.group_by])}; "
+            "group keys must be one value per row (ids, strings, numbers)"
         )
     return OutputBinding(spec.name, spec.type, None, (), False, spec.description, "rank", of=spec.of,
                          group_by=spec.group_by, descending=spec.descending)
@@ -689,7 +707,7 @@ def compile_contract(
                 f"output; ONNX outputs: {', '.join(outs)}"
             )
         outputs[spec.name] = _check_output(spec, info)
-    request_columns = {s.name for s in in_specs} | {s.name for s in pass_specs}
+    request_columns = {s.name: s.type for s in [*in_specs, *pass_specs]}
     for spec in out_specs:
         if spec.transform == "rank":
             outputs[spec.name] = _rank_output(spec, outputs, request_columns)

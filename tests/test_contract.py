@@ -499,3 +499,40 @@ def test_bytes_encode_sends_nulls_as_empty_elements():
         _, _, raw = encode_column(pa.array(values))
         back = TensorDecoder("m", "s", pa.utf8()).from_raw(raw, n).to_pylist()
         assert back == [v or "" for v in values]
+
+
+@pytest.mark.parametrize("manifest,expected", [
+    ('[[inputs]]\nname = "word"\ntype = "binary"\n[[outputs]]\nname = "upper"\ntype = "utf8"\n',
+     "manifest input 'word' is binary but ONNX input 'word' is tensor(string)"),
+])
+def test_binary_columns_cannot_feed_string_tensors(models_dir, tmp_path, manifest, expected):
+    entry = load(models_dir / "strings.onnx", manifest, tmp_path)
+    assert entry.state is ModelState.UNAVAILABLE and expected in entry.reason
+
+
+def test_struct_fill_must_fit_every_field(scorer, tmp_path):
+    bad = STRUCT_MANIFEST.replace(
+        'type = "struct<a: float32, b: fixed_size_list<float32>[2]>"\ntensor = "x"',
+        'type = "struct<a: float32, b: fixed_size_list<float32>[2]>"\ntensor = "x"\nnulls = "fill"\nfill = "n/a"')
+    entry = load(scorer, bad, tmp_path)
+    assert "manifest input 'features' fill value 'n/a' is not a float32" in entry.reason
+
+
+def test_rank_group_key_must_be_one_value_per_row(scorer, tmp_path):
+    bad = STRUCT_MANIFEST.replace('group_by = "user_id"', 'group_by = "features"')
+    entry = load(scorer, bad, tmp_path)
+    assert "groups by 'features', which is struct<" in entry.reason
+
+
+def test_rank_type_too_small_for_the_batch(scorer, tmp_path):
+    entry = load(scorer, STRUCT_MANIFEST.replace('name = "rank"\ntype = "int32"', 'name = "rank"\ntype = "int8"'),
+                 tmp_path)
+    n = 200
+    t = entry.contract.input_schema.field("features").type
+    features = pa.StructArray.from_arrays([pa.array(np.ones(n, np.float32)), fsl(np.ones((n, 2), np.float32))],
+                                          fields=list(t))
+    batch = pa.record_batch({"user_id": pa.array(["u"] * n), "features": features,
+                             "zero": pa.array(np.zeros(n, np.float32))})
+    with pytest.raises(InvalidInput) as info:
+        run(entry, batch)
+    assert "rank column 'rank' of model 'scorer' is int8 and cannot rank 200 rows" in info.value.message

@@ -428,3 +428,57 @@ def test_fp16_in_typed_contents_is_refused(server):
     assert info.value.details() == (
         "input 'f16' for model 'alltypes' is FP16, which travels only in raw_input_contents"
     )
+
+
+EDGE_MANIFEST = """\
+[[passthrough]]
+name = "meta"
+type = "struct<id: int64, origin: struct<site: utf8, ok: bool>>"
+
+[[passthrough]]
+name = "tags"
+type = "list<utf8>"
+
+[[inputs]]
+name = "w"
+type = "fixed_shape_tensor<float32>[4, 3]"
+cast_from = ["fixed_size_list<float32>[12]"]
+
+[[outputs]]
+name = "neg"
+type = "fixed_shape_tensor<float32>[4, 3]"
+"""
+
+
+def test_oip_view_of_nested_structs_lists_and_same_datatype_casts(tmp_path):
+    """Nested struct passthrough travels as 'meta.origin.site' tensors; a list passthrough is
+    Flight-only (sent as nulls over OIP); a cast source with the same datatype is chosen by shape."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Neg", ["w"], ["neg"])], "edge",
+                              [helper.make_tensor_value_info("w", TensorProto.FLOAT, ["N", 4, 3])],
+                              [helper.make_tensor_value_info("neg", TensorProto.FLOAT, ["N", 4, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "edge.onnx"))
+    (tmp_path / "edge.manifest.toml").write_text(EDGE_MANIFEST)
+    with serving(tmp_path, f'[[models]]\nname = "edge"\npath = "{tmp_path}/edge.onnx"\n') as running:
+        c = triton.InferenceServerClient(running.grpc_url)
+        meta = c.get_model_metadata("edge", as_json=True)
+        assert [t["name"] for t in meta["inputs"]] == ["meta.id", "meta.origin.site", "meta.origin.ok", "w"]
+        w = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+        for shape in ([2, 4, 3], [2, 12]):  # the declared type, and its flat cast source
+            inputs = []
+            for name, data, dtype in (("meta.id", np.array([[1], [2]], np.int64), "INT64"),
+                                      ("meta.origin.site", np.array([[b"a"], [b"b"]], np.object_), "BYTES"),
+                                      ("meta.origin.ok", np.array([[True], [False]]), "BOOL"),
+                                      ("w", w.reshape(shape), "FP32")):
+                t = triton.InferInput(name, list(data.shape), dtype)
+                t.set_data_from_numpy(data)
+                inputs.append(t)
+            result = c.infer("edge", inputs)
+            np.testing.assert_array_equal(result.as_numpy("neg"), -w)
+            np.testing.assert_array_equal(result.as_numpy("meta.origin.site").reshape(-1), [b"a", b"b"])
+            assert "tags" not in {o.name for o in result.get_response().outputs}
+        c.close()

@@ -26,7 +26,7 @@ from ..core import SERVER_NAME, InferenceCore, server_version
 from ..errors import InvalidInput, IskanderError
 from ..model_info import ready_versions, repository_index, statistics
 from ..registry import ModelState, ModelVersion
-from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape, oip_view
+from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape, oip_view, passthrough_lists
 from .oip_errors import grpc_errors, log
 from .oip_model_config import model_config, model_statistics
 
@@ -45,19 +45,31 @@ _UNIMPLEMENTED = {
 }
 
 
-def _flat_columns(batch: pa.RecordBatch) -> dict[str, pa.Array]:
-    """Output columns by OIP tensor name (see oip_view)."""
-    columns: dict[str, pa.Array] = {}
-    for name, _ in oip_view(batch.schema):
-        head, _, rest = name.partition(".")
-        if rest and pa.types.is_struct(batch.schema.field(head).type):
-            column = batch.column(head)
-            for part in rest.split("."):
-                column = column.field(part)
-            columns[name] = column
+def _column(name: str, arrow_type: pa.DataType, arrays: dict[str, pa.Array], rows: int) -> pa.Array:
+    """A request column from decoded tensors: structs rebuilt from 'name.field' tensors (any
+    depth); a column OIP cannot carry becomes nulls (passthrough only: it is not in oip_view)."""
+    if pa.types.is_struct(arrow_type):
+        children = [_column(f"{name}.{f.name}", f.type, arrays, rows) for f in arrow_type]
+        return pa.StructArray.from_arrays(children, fields=list(arrow_type))
+    if name in arrays:
+        return arrays[name]
+    return pa.nulls(rows, arrow_type)
+
+
+def _flat_columns(batch: pa.RecordBatch, skip: frozenset[str]) -> dict[str, pa.Array]:
+    """Output columns by OIP tensor name: struct fields as 'column.field' (see oip_view)."""
+    flat: dict[str, pa.Array] = {}
+
+    def walk(name: str, array: pa.Array) -> None:
+        if pa.types.is_struct(array.type):
+            for field, child in zip(array.type, array.flatten()):  # flatten: a null struct nulls its fields
+                walk(f"{name}.{field.name}", child)
         else:
-            columns[name] = batch.column(name)
-    return columns
+            flat[name] = array
+
+    for name, column in zip(batch.schema.names, batch.columns):
+        walk(name, column)
+    return {name: flat[name] for name, _ in oip_view(batch.schema, skip=skip)}
 
 
 def _mixed_contents(name: str, model: str) -> InvalidInput:
@@ -77,25 +89,15 @@ class _ModelCodec:
         self.schema = contract.input_schema
         self.decoders = {
             name: TensorDecoder(entry.name, name, arrow_type, contract.cast_sources(name))
-            for name, arrow_type in oip_view(self.schema)
+            for name, arrow_type in oip_view(self.schema, requests=True)
         }
         self.order = tuple(self.decoders)
 
     def batch(self, arrays: dict[str, pa.Array], rows: int) -> pa.RecordBatch:
         """Columns in contract order: struct columns rebuilt from their 'column.field' tensors,
         Flight-only passthrough columns sent as nulls. A cast source keeps its own type (the core casts)."""
-        columns = []
-        fields = []
-        for field in self.schema:
-            if pa.types.is_struct(field.type):
-                children = [arrays[f"{field.name}.{f.name}"] for f in field.type]
-                column = pa.StructArray.from_arrays(children, fields=list(field.type))
-            elif field.name in arrays:
-                column = arrays[field.name]
-            else:
-                column = pa.nulls(rows, field.type)
-            columns.append(column)
-            fields.append(pa.field(field.name, column.type))
+        columns = [_column(field.name, field.type, arrays, rows) for field in self.schema]
+        fields = [pa.field(f.name, c.type) for f, c in zip(self.schema, columns)]
         return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields))
 
 
@@ -152,9 +154,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             versions=ready_versions(self.core.registry, entry.name),
             platform="onnxruntime_onnx",
             inputs=[tensor(name=name, datatype=oip_datatype(t), shape=oip_shape(t))
-                    for name, t in oip_view(entry.contract.input_schema)],
+                    for name, t in oip_view(entry.contract.input_schema, requests=True)],
             outputs=[tensor(name=name, datatype=oip_datatype(t), shape=oip_shape(t))
-                     for name, t in oip_view(entry.contract.output_schema)],
+                     for name, t in oip_view(entry.contract.output_schema,
+                                             skip=passthrough_lists(entry.contract.passthrough))],
         )
 
     # --- inference --------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             if tensor.name in arrays:
                 raise InvalidInput(f"input '{tensor.name}' is given twice for model '{model}'", model=model)
-            decoder = decoder.for_datatype(tensor.datatype)
+            decoder = decoder.select(tensor.datatype, tensor.shape)
             n = decoder.rows(tensor.shape, tensor.datatype)
             if rows is None:
                 rows = n
@@ -219,7 +222,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         result = self.core.infer(model, entry.version, batch, outputs=requested or None, received_ns=received_ns)
         out = result.batch
         response = pb.ModelInferResponse(model_name=model, model_version=result.version, id=request.id)
-        columns = _flat_columns(out)
+        columns = _flat_columns(out, passthrough_lists(entry.contract.passthrough))
         names = requested or list(columns)
         raw_outputs = []
         for name in names:

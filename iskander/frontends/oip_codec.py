@@ -99,13 +99,26 @@ def _fmt(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def oip_view(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
+def passthrough_lists(passthrough: Sequence[pa.Field]) -> frozenset[str]:
+    """Passthrough list columns: no OIP request can send them, so answers leave them out too."""
+    return frozenset(f.name for f in passthrough if pa.types.is_list(f.type))
+
+
+def oip_view(
+    schema: pa.Schema, requests: bool = False, skip: frozenset[str] = frozenset()
+) -> list[tuple[str, pa.DataType]]:
     """The OIP tensors of an Arrow schema: one per column, struct columns as one tensor per field
-    named 'column.field'; columns with no OIP datatype (Flight-only passthrough) are left out."""
+    named 'column.field' (recursively); columns with no OIP datatype (Flight-only passthrough) are
+    left out. With ``requests``, so are variable-size lists, which no request tensor can carry."""
     view = []
     for field in schema:
+        if field.name in skip:
+            continue
         if pa.types.is_struct(field.type):
-            view += oip_view(pa.schema([pa.field(f"{field.name}.{f.name}", f.type) for f in field.type]))
+            children = pa.schema([pa.field(f"{field.name}.{f.name}", f.type) for f in field.type])
+            view += oip_view(children, requests)
+            continue
+        if requests and pa.types.is_list(field.type):
             continue
         try:
             oip_datatype(field.type)
@@ -122,13 +135,12 @@ class TensorDecoder:
     def __init__(
         self, model: str, column: str, arrow_type: pa.DataType, cast_from: Sequence[pa.DataType] = ()
     ) -> None:
-        self.alternatives: dict[str, TensorDecoder] = {}
+        self.alternatives: list[TensorDecoder] = []
         for source in cast_from:
             try:
-                alt = TensorDecoder(model, column, source)
+                self.alternatives.append(TensorDecoder(model, column, source))
             except Unimplemented:
                 continue
-            self.alternatives.setdefault(alt.datatype, alt)
         self.model = model
         self.column = column
         self.arrow_type = arrow_type
@@ -138,28 +150,32 @@ class TensorDecoder:
         self.per_row = int(np.prod(self.row_shape)) if self.row_shape else 1
         self.metadata_shape = oip_shape(arrow_type)
 
-    def for_datatype(self, datatype: str) -> TensorDecoder:
-        """This decoder, or the one of a declared cast source sending ``datatype``."""
-        if datatype == self.datatype:
-            return self
-        alt = self.alternatives.get(datatype)
-        if alt is None:
-            expected = "' or '".join([self.datatype, *self.alternatives])
+    def select(self, datatype: str, shape: Sequence[int]) -> TensorDecoder:
+        """This decoder, or a declared cast source's, whichever takes this datatype and shape."""
+        candidates = [d for d in (self, *self.alternatives) if d.datatype == datatype]
+        if not candidates:
+            expected = "' or '".join(dict.fromkeys([self.datatype, *(a.datatype for a in self.alternatives)]))
             raise InvalidInput(
                 f"inference input '{self.column}' data-type is '{datatype}', model '{self.model}' expects "
                 f"'{expected}'",
                 model=self.model, column=self.column, expected=self.datatype, got=datatype,
             )
-        return alt
+        for decoder in candidates:
+            if decoder._shape_ok(list(shape)):
+                return decoder
+        return candidates[0]  # its rows() names the expected shape
+
+    def _shape_ok(self, shape: list[int]) -> bool:
+        return len(shape) >= 1 and all(d >= 0 for d in shape) and (
+            tuple(shape[1:]) == self.row_shape or (not self.row_shape and shape[1:] == [1])
+        )
 
     def rows(self, shape: Sequence[int], datatype: str) -> int:
         """Validate datatype and shape; return the batch size N."""
         if datatype != self.datatype:
-            return self.for_datatype(datatype).rows(shape, datatype)
+            return self.select(datatype, shape).rows(shape, datatype)
         shape = list(shape)
-        ok = len(shape) >= 1 and all(d >= 0 for d in shape) and (
-            tuple(shape[1:]) == self.row_shape or (not self.row_shape and shape[1:] == [1])
-        )
+        ok = self._shape_ok(shape)
         if not ok:
             raise InvalidInput(
                 f"unexpected shape for input '{self.column}' for model '{self.model}'. Expected "

@@ -16,7 +16,7 @@ from .._proto import grpc_service_pb2 as pb
 from .._proto import model_config_pb2 as mc
 from ..arrow_types import row_shape
 from ..registry import ModelRegistry, ModelVersion
-from .oip_codec import oip_datatype, oip_view
+from .oip_codec import oip_datatype, oip_view, passthrough_lists
 
 UNLIMITED_BATCH = 2**31 - 1  # max_batch_size advertised when the server sets no limit
 
@@ -70,12 +70,12 @@ def model_config(entry: ModelVersion, registry: ModelRegistry) -> mc.ModelConfig
         config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
         config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_rows)
         config.dynamic_batching.SetInParent()
-    for name, arrow_type in oip_view(contract.input_schema):
+    for name, arrow_type in oip_view(contract.input_schema, requests=True):
         dims, reshape = _tensor_dims(arrow_type)
         tensor = config.input.add(name=name, data_type=data_type(arrow_type), dims=dims)
         if reshape:
             tensor.reshape.SetInParent()  # reshape { shape: [] }: [N, 1] on the wire, [N] in the model
-    for name, arrow_type in oip_view(contract.output_schema):
+    for name, arrow_type in oip_view(contract.output_schema, skip=passthrough_lists(contract.passthrough)):
         dims, reshape = _tensor_dims(arrow_type)
         tensor = config.output.add(name=name, data_type=data_type(arrow_type), dims=dims)
         if reshape:
