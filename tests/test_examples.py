@@ -250,3 +250,38 @@ def test_streaming_client_script_prints_latency_per_batch(examples):
     assert len(lines) == 7
     assert all(line.startswith(f"batch {i:4d}  rows    8  latency") for i, line in enumerate(lines[:6]))
     assert lines[-1].startswith("6 batches, 48 rows")
+
+
+def test_streaming_micro_batches_over_oip_stream(examples):
+    """The OIP side of example D: one ModelStreamInfer stream carries every micro-batch."""
+    import queue
+
+    server, churn, _ = examples
+    module = load_script(CONFIGS / "streaming/stream_client.py")
+    answers: queue.Queue = queue.Queue()
+    c = triton.InferenceServerClient(server.grpc_url)
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    sent = []
+    try:
+        for i, batch in enumerate(module.synthetic_events(5, 8, seed=6)):
+            n = batch.num_rows
+            inputs = []
+            ids = np.array([s.encode() for s in batch.column("entity_id").to_pylist()], dtype=np.object_)
+            t = triton.InferInput("entity_id", [n, 1], "BYTES")
+            t.set_data_from_numpy(ids.reshape(n, 1))
+            inputs.append(t)
+            for name in FEATURES:
+                values = batch.column(name).to_numpy().astype(np.float32).reshape(n, 1)
+                t = triton.InferInput(name, [n, 1], "FP32")
+                t.set_data_from_numpy(values)
+                inputs.append(t)
+            c.async_stream_infer("churn", inputs, request_id=str(i))
+            sent.append(np.column_stack([batch.column(n_).to_numpy().astype(np.float32) for n_ in FEATURES]))
+        got = [answers.get(timeout=20) for _ in sent]
+    finally:
+        c.stop_stream()
+        c.close()
+    for i, ((result, error), x) in enumerate(zip(got, sent)):
+        assert error is None and result.get_response().id == str(i)
+        score, labels = churn_expected(churn, x)
+        np.testing.assert_array_equal(result.as_numpy("score").reshape(-1), score)
