@@ -56,3 +56,13 @@ bench-overhead: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# Load benchmark: open-loop sweeps vs a minimal Flight/grpcio server, MLServer and in-process
+# onnxruntime, closed-loop peaks, dynamic batching on/off, RSS under 8192-row batches. Not part of
+# `make test`; the full run takes about an hour, so use a quiet machine. BENCH_ARGS=--quick for a
+# smoke run. Writes bench/results/<date>/<run>/; tables: $(PY) bench/report.py <that folder>
+.PHONY: bench
+BENCH_ARGS ?=
+bench: $(VENV)/.installed-dev
+	$(PIP) install -r bench/requirements.txt
+	$(PY) bench/run.py $(BENCH_ARGS)
