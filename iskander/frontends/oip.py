@@ -92,10 +92,16 @@ class _ModelCodec:
             for name, arrow_type in oip_view(self.schema, requests=True)
         }
         self.order = tuple(self.decoders)
+        # the common case, decided once: every request column is one OIP tensor of the same name
+        self.flat = tuple(self.decoders) == tuple(self.schema.names)
+        self.skip = passthrough_lists(contract.passthrough)
+        self.flat_outputs = not self.skip and not any(pa.types.is_struct(f.type) for f in contract.output_schema)
 
     def batch(self, arrays: dict[str, pa.Array], rows: int) -> pa.RecordBatch:
         """Columns in contract order: struct columns rebuilt from their 'column.field' tensors,
         Flight-only passthrough columns sent as nulls. A cast source keeps its own type (the core casts)."""
+        if self.flat:
+            return pa.RecordBatch.from_arrays([arrays[name] for name in self.order], names=self.order)
         columns = [_column(field.name, field.type, arrays, rows) for field in self.schema]
         fields = [pa.field(f.name, c.type) for f, c in zip(self.schema, columns)]
         return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields))
@@ -186,7 +192,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             if tensor.name in arrays:
                 raise InvalidInput(f"input '{tensor.name}' is given twice for model '{model}'", model=model)
-            decoder = decoder.select(tensor.datatype, tensor.shape)
+            if tensor.datatype != decoder.datatype:
+                decoder = decoder.select(tensor.datatype, tensor.shape)
             n = decoder.rows(tensor.shape, tensor.datatype)
             if rows is None:
                 rows = n
@@ -213,8 +220,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def infer(self, request: pb.ModelInferRequest, received_ns: int) -> pb.ModelInferResponse:
         model = request.model_name
         entry = self.core.model(model, request.model_version or None)
+        codec = self._codec(entry)
         try:
-            batch = self._to_batch(request, self._codec(entry), model)
+            batch = self._to_batch(request, codec, model)
         except Exception:
             self.core.record_failure(entry, received_ns)
             raise
@@ -222,7 +230,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         result = self.core.infer(model, entry.version, batch, outputs=requested or None, received_ns=received_ns)
         out = result.batch
         response = pb.ModelInferResponse(model_name=model, model_version=result.version, id=request.id)
-        columns = _flat_columns(out, passthrough_lists(entry.contract.passthrough))
+        columns = dict(zip(out.schema.names, out.columns)) if codec.flat_outputs else _flat_columns(out, codec.skip)
         names = requested or list(columns)
         raw_outputs = []
         for name in names:
