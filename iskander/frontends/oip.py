@@ -192,7 +192,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             if tensor.name in arrays:
                 raise InvalidInput(f"input '{tensor.name}' is given twice for model '{model}'", model=model)
-            if tensor.datatype != decoder.datatype:
+            if decoder.alternatives or tensor.datatype != decoder.datatype:
                 decoder = decoder.select(tensor.datatype, tensor.shape)
             n = decoder.rows(tensor.shape, tensor.datatype)
             if rows is None:
