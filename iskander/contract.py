@@ -133,6 +133,13 @@ def types_compatible(got: pa.DataType, expected: pa.DataType) -> bool:
     return got == expected
 
 
+def _fixed_width(t: pa.DataType) -> bool:
+    """A (nested) tensor of plain numbers: one numpy dtype, no bit-packing, no extension storage."""
+    elem = element_type(t)
+    return (pa.types.is_integer(elem) or pa.types.is_floating(elem)) and not isinstance(elem, pa.ExtensionType) \
+        and not pa.types.is_list(t) and not pa.types.is_struct(t) and not is_fixed_shape_tensor(t)
+
+
 def _elem_matches(col_elem: pa.DataType, tensor_elem: pa.DataType | None) -> bool:
     if tensor_elem is None:
         return False
@@ -184,6 +191,13 @@ class Contract:
             for b in self.inputs for p in b.parts if p.slot is not None
         }
         self._key_names = tuple(dict.fromkeys(b.group_by for b in self.outputs if b.group_by))
+        # Plain: every column is one fixed-width tensor, 1:1, no casts/structs/transforms/passthrough.
+        # Such a contract can also take and give numpy tensors directly (prepare_tensors/tensors_out),
+        # which spares frontends that already hold tensors (OIP) two Arrow round trips.
+        self.plain = not self.passthrough and all(
+            len(b.parts) == 1 and b.parts[0].field is None and b.parts[0].slot is None and not b.cast_from
+            and _fixed_width(b.type) for b in self.inputs
+        ) and all(b.transform is None and b.row_shape is not None and _fixed_width(b.type) for b in self.outputs)
         self._input_names = {b.column for b in self.inputs}
         # Seen schemas -> (input indices, passthrough indices, per-input cast target). Clients reuse
         # a handful of schemas; a linear scan with Schema.equals (~0.2 us) beats hashing (~8 us).
@@ -305,6 +319,51 @@ class Contract:
         for name in self._key_names:
             keys[name] = passthrough[name] if name in passthrough else batch.column(batch.schema.get_field_index(name))
         return Prepared(rows=n, feeds=feeds, passthrough=passthrough, keys=keys)
+
+    def prepare_tensors(self, columns: dict[str, np.ndarray], rows: int) -> Prepared:
+        """For a plain contract: tensors [N, *row_shape] (or [N] / [N, 1] for one value per row)
+        keyed by column name, already checked for dtype and shape by the caller."""
+        feeds: dict[str, np.ndarray] = {}
+        for binding in self.inputs:
+            part = binding.parts[0]
+            if binding.fixed_rows is not None and rows != binding.fixed_rows:
+                raise InvalidInput(
+                    f"model '{self.model}' takes exactly {binding.fixed_rows} rows per batch (column "
+                    f"'{binding.column}' feeds an ONNX input with a fixed batch dimension), got {rows}",
+                    model=self.model, column=binding.column, expected=binding.fixed_rows, got=rows,
+                )
+            tensor = columns[binding.column]
+            if part.unit_dim:
+                tensor = tensor.reshape(rows, 1)
+            elif tensor.ndim == 2 and not row_shape(binding.type):
+                tensor = tensor.reshape(rows)
+            feeds[part.tensor] = tensor
+        return Prepared(rows=rows, feeds=feeds, passthrough={}, keys={})
+
+    def tensors_out(
+        self, selected: Sequence[OutputBinding], results: dict[str, np.ndarray], rows: int
+    ) -> dict[str, np.ndarray]:
+        """For a plain contract: each selected output column as a tensor [N, *row_shape]."""
+        out = {}
+        for binding in selected:
+            assert binding.tensor is not None
+            result = np.asarray(results[binding.tensor])
+            if result.ndim == 0 or result.shape[0] != rows:
+                raise InternalError(
+                    f"model '{self.model}' output '{binding.tensor}' returned shape {list(result.shape)} "
+                    f"for {rows} input rows; expected {rows} rows",
+                    model=self.model, tensor=binding.tensor,
+                )
+            if binding.squeeze_unit_dim:
+                result = result.reshape(rows)
+            elif result.shape[1:] != binding.row_shape:
+                raise InternalError(
+                    f"model '{self.model}' output '{binding.tensor}' returned per-row shape "
+                    f"{list(result.shape[1:])}, manifest declares {list(binding.row_shape or ())}",
+                    model=self.model, tensor=binding.tensor,
+                )
+            out[binding.column] = result
+        return out
 
     def select_outputs(self, requested: Sequence[str] | None) -> tuple[OutputBinding, ...]:
         if not requested:

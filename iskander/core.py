@@ -10,8 +10,11 @@ import time
 from collections.abc import Sequence
 
 import attrs
+import numpy as np
 import pyarrow as pa
 
+from .arrow_types import element_type, numpy_dtype
+from .contract import OutputBinding, Prepared
 from .errors import InvalidInput
 from .registry import ModelRegistry, ModelVersion
 from .stats import Execution
@@ -66,17 +69,12 @@ class InferenceCore:
         entered = time.perf_counter_ns()
         received = received_ns or entered
         entry = self.registry.get_ready(model, version)
-        contract, backend, stats = entry.contract, entry.backend, entry.stats
-        assert contract is not None and backend is not None and stats is not None
+        contract, stats = entry.contract, entry.stats
+        assert contract is not None and stats is not None
         try:
             if not isinstance(batch, pa.RecordBatch):
                 raise InvalidInput(f"model '{model}' expects an Arrow RecordBatch", model=model)
-            limit = entry.settings.max_batch_size
-            if limit and batch.num_rows > limit:
-                raise InvalidInput(
-                    f"inference request batch-size must be <= {limit} for '{model}', got {batch.num_rows}",
-                    model=model, expected=limit, got=batch.num_rows,
-                )
+            self._check_rows(entry, batch.num_rows)
             selected = contract.select_outputs(outputs)
             start = time.perf_counter_ns()
             prepared = contract.prepare(batch)
@@ -84,32 +82,100 @@ class InferenceCore:
                 out = contract.empty_output(prepared, selected)
                 stats.record_success(time.perf_counter_ns() - received, None, 0)
                 return InferResult(model, entry.version, out)
-            prepared_at = time.perf_counter_ns()
-            if entry.batcher is not None:
-                run = entry.batcher.run(prepared.feeds, prepared.rows)
-                results, queued_ns, infer_ns = run.results, run.queue_ns, run.infer_ns
-                batch_rows, new_execution = run.batch_rows, run.first
-            else:
-                tensors = contract.run_tensors(selected)
-                results = dict(zip(tensors, backend.run(tensors, prepared.feeds, model)))
-                queued_ns, batch_rows, new_execution = 0, prepared.rows, True
-                infer_ns = time.perf_counter_ns() - prepared_at
-            ran_at = time.perf_counter_ns()
+            results, run = self._run(entry, prepared, selected)
             out = contract.assemble(prepared, selected, results)
             done = time.perf_counter_ns()
         except Exception:  # client mistakes and server faults alike count as failures
             stats.record_failure(time.perf_counter_ns() - received)
             raise
-        stats.record_success(
+        self._record(entry, received, entered, start, run, done, prepared.rows)
+        return InferResult(model, entry.version, out)
+
+    def infer_tensors(
+        self,
+        entry: ModelVersion,
+        columns: dict[str, np.ndarray],
+        rows: int,
+        outputs: Sequence[str] | None = None,
+        received_ns: int | None = None,
+    ) -> tuple[tuple[OutputBinding, ...], dict[str, np.ndarray]]:
+        """The same as ``infer`` for a plain contract (``contract.plain``), with numpy tensors keyed
+        by column name in and out: for frontends that already hold tensors (OIP raw contents)."""
+        entered = time.perf_counter_ns()
+        received = received_ns or entered
+        contract, stats = entry.contract, entry.stats
+        assert contract is not None and contract.plain and stats is not None
+        try:
+            self._check_rows(entry, rows)
+            selected = contract.select_outputs(outputs)
+            start = time.perf_counter_ns()
+            prepared = contract.prepare_tensors(columns, rows)
+            if rows == 0:
+                empty = {b.column: np.empty((0, *(b.row_shape or ())), dtype=numpy_dtype(element_type(b.type)))
+                         for b in selected}
+                stats.record_success(time.perf_counter_ns() - received, None, 0)
+                return selected, empty
+            results, run = self._run(entry, prepared, selected)
+            out = contract.tensors_out(selected, results, rows)
+            done = time.perf_counter_ns()
+        except Exception:
+            stats.record_failure(time.perf_counter_ns() - received)
+            raise
+        self._record(entry, received, entered, start, run, done, rows)
+        return selected, out
+
+    # --- shared by both entry points ------------------------------------------------------------
+
+    @staticmethod
+    def _check_rows(entry: ModelVersion, rows: int) -> None:
+        limit = entry.settings.max_batch_size
+        if limit and rows > limit:
+            raise InvalidInput(
+                f"inference request batch-size must be <= {limit} for '{entry.name}', got {rows}",
+                model=entry.name, expected=limit, got=rows,
+            )
+
+    @staticmethod
+    def _run(
+        entry: ModelVersion, prepared: Prepared, selected: Sequence[OutputBinding]
+    ) -> tuple[dict[str, np.ndarray], _Run]:
+        """onnxruntime, directly or through the model's dynamic batcher."""
+        prepared_at = time.perf_counter_ns()
+        if entry.batcher is not None:
+            batch_run = entry.batcher.run(prepared.feeds, prepared.rows)
+            return batch_run.results, _Run(
+                prepared_at, batch_run.queue_ns, batch_run.infer_ns, batch_run.batch_rows, batch_run.first,
+                time.perf_counter_ns(),
+            )
+        assert entry.contract is not None and entry.backend is not None
+        tensors = entry.contract.run_tensors(selected)
+        results = dict(zip(tensors, entry.backend.run(tensors, prepared.feeds, entry.name)))
+        ran_at = time.perf_counter_ns()
+        return results, _Run(prepared_at, 0, ran_at - prepared_at, prepared.rows, True, ran_at)
+
+    @staticmethod
+    def _record(entry: ModelVersion, received: int, entered: int, start: int, run: _Run, done: int,
+                rows: int) -> None:
+        assert entry.stats is not None
+        entry.stats.record_success(
             done - received,
             Execution(
-                queue_ns=(start - entered) + queued_ns,
-                input_ns=(entered - received) + (prepared_at - start),
-                infer_ns=infer_ns,
-                output_ns=done - ran_at,
-                rows=batch_rows,
-                new_execution=new_execution,
+                queue_ns=(start - entered) + run.queued_ns,
+                input_ns=(entered - received) + (run.prepared_at - start),
+                infer_ns=run.infer_ns,
+                output_ns=done - run.ran_at,
+                rows=run.batch_rows,
+                new_execution=run.new_execution,
             ),
-            prepared.rows,
+            rows,
         )
-        return InferResult(model, entry.version, out)
+
+
+@attrs.frozen
+class _Run:
+    prepared_at: int
+    queued_ns: int
+    infer_ns: int
+    batch_rows: int
+    new_execution: bool
+    ran_at: int

@@ -482,3 +482,63 @@ def test_oip_view_of_nested_structs_lists_and_same_datatype_casts(tmp_path):
             np.testing.assert_array_equal(result.as_numpy("meta.origin.site").reshape(-1), [b"a", b"b"])
             assert "tags" not in {o.name for o in result.get_response().outputs}
         c.close()
+
+
+PLAIN_MANIFEST = """\
+[[inputs]]
+name = "features"
+type = "fixed_size_list<float32>[4]"
+tensor = "numeric"
+
+[[inputs]]
+name = "category"
+type = "int64"
+
+[[outputs]]
+name = "score"
+type = "float32"
+tensor = "probability"
+"""
+
+
+@pytest.fixture(scope="module")
+def plain_server(models_dir, tmp_path_factory):
+    """A tensor-only contract (no passthrough, no casts): OIP decodes straight to numpy views."""
+    tmp = tmp_path_factory.mktemp("plain")
+    (tmp / "plain.manifest.toml").write_text(PLAIN_MANIFEST)
+    config = (f'[[models]]\nname = "plain"\npath = "{models_dir}/tabular.onnx"\nmanifest = "{tmp}/plain.manifest.toml"\n'
+              f'\n[[models]]\nname = "plain_batched"\npath = "{models_dir}/tabular.onnx"\n'
+              f'manifest = "{tmp}/plain.manifest.toml"\ndynamic_batching = {{ max_queue_delay_us = 5000 }}\n')
+    with serving(tmp, config) as running:
+        yield running
+
+
+@pytest.mark.parametrize("model", ["plain", "plain_batched"])
+def test_plain_contract_over_oip_matches_onnxruntime(plain_server, models_dir, model):
+    c = triton.InferenceServerClient(plain_server.grpc_url)
+    before = stats_of(c, model)
+    for n, column_shape in ((5, True), (1, False), (300, True)):
+        _, feeds = tabular_batch(n, seed=n)
+        cat = feeds["category"].reshape(n, 1) if column_shape else feeds["category"]
+        inputs = []
+        for name, data, dtype in (("features", feeds["numeric"], "FP32"), ("category", cat, "INT64")):
+            t = triton.InferInput(name, list(data.shape), dtype)
+            t.set_data_from_numpy(data)
+            inputs.append(t)
+        result = c.infer(model, inputs, request_id=f"p{n}")
+        ref = reference(models_dir / "tabular.onnx", feeds)["probability"]
+        np.testing.assert_array_equal(result.as_numpy("score"), ref)  # [N, 1], Triton's shape
+        assert result.get_response().id == f"p{n}" and result.get_response().model_version == "1"
+    bad = triton.InferInput("features", [2, 5], "FP32")
+    bad.set_data_from_numpy(np.ones((2, 5), np.float32))
+    cat = triton.InferInput("category", [2, 1], "INT64")
+    cat.set_data_from_numpy(np.ones((2, 1), np.int64))
+    with pytest.raises(InferenceServerException) as info:
+        c.infer(model, [bad, cat])
+    assert info.value.message() == (
+        f"unexpected shape for input 'features' for model '{model}'. Expected [-1,4], got [2,5]")
+    after = stats_of(c, model)
+    assert count(after, "success") - count(before, "success") == 3
+    assert count(after, "fail") - count(before, "fail") == 1
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 306
+    c.close()

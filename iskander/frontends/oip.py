@@ -15,8 +15,10 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
+import numpy as np
 import pyarrow as pa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -96,6 +98,9 @@ class _ModelCodec:
         self.flat = tuple(self.decoders) == tuple(self.schema.names)
         self.skip = passthrough_lists(contract.passthrough)
         self.flat_outputs = not self.skip and not any(pa.types.is_struct(f.type) for f in contract.output_schema)
+        # plain contracts skip Arrow entirely: raw bytes -> numpy views -> onnxruntime -> raw bytes
+        self.plain = contract.plain and self.flat and not any(d.alternatives for d in self.decoders.values())
+        self.out_datatype = {b.column: oip_datatype(b.type) for b in contract.outputs}
 
     def batch(self, arrays: dict[str, pa.Array], rows: int) -> pa.RecordBatch:
         """Columns in contract order: struct columns rebuilt from their 'column.field' tensors,
@@ -168,7 +173,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- inference --------------------------------------------------------------------------------
 
-    def _to_batch(self, request: pb.ModelInferRequest, codec: _ModelCodec, model: str) -> pa.RecordBatch:
+    def _decode(
+        self, request: pb.ModelInferRequest, codec: _ModelCodec, model: str
+    ) -> tuple[dict[str, Any], int]:
+        """Validate every input tensor and decode it: to Arrow arrays, or for a plain contract to
+        numpy views of the request bytes. Returns (arrays by column, rows)."""
         inputs = request.inputs
         raw = request.raw_input_contents
         if raw and len(raw) != len(inputs):
@@ -205,9 +214,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             if raw:
                 if tensor.HasField("contents"):
                     raise _mixed_contents(tensor.name, model)
-                arrays[tensor.name] = decoder.from_raw(raw[i], n)
+                arrays[tensor.name] = decoder.ndarray_from_raw(raw[i], n) if codec.plain \
+                    else decoder.from_raw(raw[i], n)
             else:
-                arrays[tensor.name] = decoder.from_contents(tensor.contents, n)
+                arrays[tensor.name] = decoder.ndarray_from_contents(tensor.contents, n) if codec.plain \
+                    else decoder.from_contents(tensor.contents, n)
         missing = [name for name in codec.order if name not in arrays]
         if missing:
             raise InvalidInput(
@@ -215,18 +226,21 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"missing input '{missing[0]}'",
                 model=model, column=missing[0],
             )
-        return codec.batch(arrays, rows or 0)
+        return arrays, rows or 0
 
     def infer(self, request: pb.ModelInferRequest, received_ns: int) -> pb.ModelInferResponse:
         model = request.model_name
         entry = self.core.model(model, request.model_version or None)
         codec = self._codec(entry)
         try:
-            batch = self._to_batch(request, codec, model)
+            arrays, rows = self._decode(request, codec, model)
         except Exception:
             self.core.record_failure(entry, received_ns)
             raise
         requested: Sequence[str] = list(dict.fromkeys(o.name for o in request.outputs))
+        if codec.plain:
+            return self._infer_plain(entry, codec, request, arrays, rows, requested, received_ns)
+        batch = codec.batch(arrays, rows)
         result = self.core.infer(model, entry.version, batch, outputs=requested or None, received_ns=received_ns)
         out = result.batch
         response = pb.ModelInferResponse(model_name=model, model_version=result.version, id=request.id)
@@ -240,6 +254,21 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             datatype, shape, data = encode_column(columns[name])
             response.outputs.add(name=name, datatype=datatype, shape=shape)
             raw_outputs.append(data)
+        response.raw_output_contents.extend(raw_outputs)
+        return response
+
+    def _infer_plain(
+        self, entry: ModelVersion, codec: _ModelCodec, request: pb.ModelInferRequest, arrays: dict[str, Any],
+        rows: int, requested: Sequence[str], received_ns: int,
+    ) -> pb.ModelInferResponse:
+        selected, tensors = self.core.infer_tensors(entry, arrays, rows, requested or None, received_ns)
+        response = pb.ModelInferResponse(model_name=entry.name, model_version=entry.version, id=request.id)
+        raw_outputs = []
+        for binding in selected:
+            tensor = tensors[binding.column]
+            shape = list(tensor.shape) if tensor.ndim > 1 else [rows, 1]  # Triton's [N, 1] for one value per row
+            response.outputs.add(name=binding.column, datatype=codec.out_datatype[binding.column], shape=shape)
+            raw_outputs.append(np.ascontiguousarray(tensor).tobytes())
         response.raw_output_contents.extend(raw_outputs)
         return response
 

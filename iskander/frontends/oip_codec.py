@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -184,18 +185,33 @@ class TensorDecoder:
             )
         return shape[0]
 
+    def _check_raw_size(self, data: bytes, count: int) -> np.dtype:
+        dtype = RAW_DTYPE[self.datatype]
+        if len(data) != count * dtype.itemsize:
+            raise InvalidInput(
+                f"input '{self.column}' for model '{self.model}' has {len(data)} bytes of raw data, "
+                f"expected {count * dtype.itemsize} for {count} {self.datatype} elements",
+                model=self.model, column=self.column, expected=count * dtype.itemsize, got=len(data),
+            )
+        return dtype
+
+    def ndarray_from_raw(self, data: bytes, rows: int) -> np.ndarray:
+        """Fixed-width numbers only: a numpy view of the request bytes, shaped [N, *row_shape]."""
+        dtype = self._check_raw_size(data, rows * self.per_row)
+        values = np.frombuffer(data, dtype=dtype)
+        return values.reshape(rows, *self.row_shape) if self.row_shape else values
+
+    def ndarray_from_contents(self, contents: object, rows: int) -> np.ndarray:
+        """Fixed-width numbers only: the typed contents as a numpy array shaped [N, *row_shape]."""
+        values = np.asarray(self._typed_values(contents, rows * self.per_row), dtype=RAW_DTYPE[self.datatype])
+        return values.reshape(rows, *self.row_shape) if self.row_shape else values
+
     def from_raw(self, data: bytes, rows: int) -> pa.Array:
         count = rows * self.per_row
         if self.datatype == "BYTES":
             flat = _raw_bytes_to_arrow(data, count, self.elem, self.column, self.model)
         else:
-            dtype = RAW_DTYPE[self.datatype]
-            if len(data) != count * dtype.itemsize:
-                raise InvalidInput(
-                    f"input '{self.column}' for model '{self.model}' has {len(data)} bytes of raw data, "
-                    f"expected {count * dtype.itemsize} for {count} {self.datatype} elements",
-                    model=self.model, column=self.column, expected=count * dtype.itemsize, got=len(data),
-                )
+            self._check_raw_size(data, count)
             if self.datatype == "BOOL":
                 flat = pa.array(np.frombuffer(data, dtype=np.uint8).astype(bool), type=pa.bool_())
             else:
@@ -203,8 +219,7 @@ class TensorDecoder:
                 flat = _fixed_width(self.elem, count, pa.py_buffer(data))
         return self._nest(flat)
 
-    def from_contents(self, contents: object, rows: int) -> pa.Array:
-        count = rows * self.per_row
+    def _typed_values(self, contents: object, count: int) -> Any:
         field = CONTENTS_FIELD.get(self.datatype)
         if field is None:
             raise InvalidInput(
@@ -219,6 +234,11 @@ class TensorDecoder:
                 f"expected {count}",
                 model=self.model, column=self.column, expected=count, got=len(values),
             )
+        return values
+
+    def from_contents(self, contents: object, rows: int) -> pa.Array:
+        count = rows * self.per_row
+        values = self._typed_values(contents, count)
         if self.datatype == "BYTES":
             flat = self._bytes_array(list(values))
         else:
