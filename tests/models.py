@@ -154,13 +154,21 @@ def build_all(root: Path) -> Path:
     return root
 
 
+def server_session(path: Path) -> ort.InferenceSession:
+    """onnxruntime in process with the server's default session settings (one intra/inter thread,
+    full graph optimisation, sequential): same file, same settings, the same bits."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 def reference(path: Path, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
     """onnxruntime in process on the same file: what the server must return. bfloat16 inputs are
     given as uint16 bit patterns (numpy has no bfloat16) and passed as OrtValues."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # the server's default: same thread count, same summation order
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = server_session(path)
     bf16 = {i.name for i in session.get_inputs() if i.type == "tensor(bfloat16)"}
     feeds = {
         k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v, 16) if k in bf16 else v for k, v in feeds.items()

@@ -180,5 +180,5 @@ def test_port_in_use_is_a_clear_start_error(tmp_path, models_dir, flag):
             capture_output=True, text=True, timeout=60,
         )
     assert proc.returncode != 0
-    assert f"cannot bind the" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
+    assert "cannot bind the" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr

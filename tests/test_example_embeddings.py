@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
-import pyarrow.flight as flight
 import pytest
 import tritonclient.grpc as triton
 
-from iskander.launch import ServerProcess, spawn_server
+from helpers import exchange, serving
+from models import server_session
+from iskander.launch import ServerProcess
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "embeddings"
 MODEL = "text-embedder"
@@ -65,24 +66,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def embed_server(model_dir: Path) -> Iterator[ServerProcess]:
-    config = model_dir / "config.toml"
-    config.write_text(f'[[models]]\nname = "{MODEL}"\npath = "text_embedder.onnx"\n')
-    running = spawn_server(config, model_dir / "server.log")
-    try:
+    with serving(model_dir, f'[[models]]\nname = "{MODEL}"\npath = "text_embedder.onnx"\n') as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
 def session(model_dir: Path) -> ort.InferenceSession:
-    # The server's settings for this model (config defaults): one intra/inter thread, full graph
-    # optimisation, sequential execution. Same file, same onnxruntime, same settings: the same bits.
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_dir / "text_embedder.onnx"), opts, providers=["CPUExecutionProvider"])
+    return server_session(model_dir / "text_embedder.onnx")
 
 
 def reference(session: ort.InferenceSession, texts: list[str]) -> np.ndarray:
@@ -105,17 +95,7 @@ def numpy_embed(texts: list[str]) -> np.ndarray:
 
 
 def flight_embed(server: ServerProcess, batch: pa.RecordBatch) -> pa.RecordBatch:
-    client = flight.FlightClient(server.flight_uri)
-    try:
-        writer, reader = client.do_exchange(flight.FlightDescriptor.for_path(MODEL))
-        with writer:
-            writer.begin(batch.schema)
-            writer.write_batch(batch)
-            out = reader.read_chunk().data
-            writer.done_writing()
-        return out
-    finally:
-        client.close()
+    return exchange(server.flight_uri, MODEL, [batch])[0]
 
 
 def triton_embed(server: ServerProcess, ids: list[str], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,9 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from helpers import exchange
 from iskander.launch import spawn_server
+from models import server_session
 from iskander.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +52,7 @@ def script():
 @pytest.fixture(scope="module")
 def reference_session() -> ort.InferenceSession:
     """The committed model in this process, with the session options the config asks for."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.enable_mem_pattern = True
-    return ort.InferenceSession(str(MODEL), opts, providers=["CPUExecutionProvider"])
+    return server_session(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +85,7 @@ def reference(sess: ort.InferenceSession, users: np.ndarray, items: np.ndarray) 
 
 
 def flight_exchange(server, batch: pa.RecordBatch) -> pa.RecordBatch:
-    client = flight.connect(server.flight_uri)
-    try:
-        writer, reader = client.do_exchange(flight.FlightDescriptor.for_path(NAME))
-        with writer:
-            writer.begin(batch.schema)
-            writer.write_batch(batch)
-            answer = reader.read_chunk().data
-            writer.done_writing()
-        return answer
-    finally:
-        client.close()
+    return exchange(server.flight_uri, NAME, [batch])[0]
 
 
 def id_batch(users: np.ndarray, items: np.ndarray) -> pa.RecordBatch:

@@ -24,7 +24,9 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from iskander.launch import ServerProcess, spawn_server
+from helpers import exchange, serving
+from models import server_session
+from iskander.launch import ServerProcess
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "sensor-windows"
 MODEL = "sensor-anomaly"
@@ -75,24 +77,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sensor_server(model_dir: Path) -> Iterator[ServerProcess]:
-    config = model_dir / "config.toml"
-    config.write_text(f'[[models]]\nname = "{MODEL}"\npath = "sensor_anomaly.onnx"\n')
-    running = spawn_server(config, model_dir / "server.log")
-    try:
+    with serving(model_dir, f'[[models]]\nname = "{MODEL}"\npath = "sensor_anomaly.onnx"\n') as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
 def session(model_dir: Path) -> ort.InferenceSession:
-    # The server's settings for this model (config defaults): one intra/inter thread, full graph
-    # optimisation, sequential execution. Same file, same onnxruntime, same settings: the same bits.
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_dir / "sensor_anomaly.onnx"), opts, providers=["CPUExecutionProvider"])
+    return server_session(model_dir / "sensor_anomaly.onnx")
 
 
 def reference(session: ort.InferenceSession, windows: np.ndarray) -> dict[str, np.ndarray]:
@@ -100,17 +91,7 @@ def reference(session: ort.InferenceSession, windows: np.ndarray) -> dict[str, n
 
 
 def flight_exchange(server: ServerProcess, batch: pa.RecordBatch) -> pa.RecordBatch:
-    client = flight.FlightClient(server.flight_uri)
-    try:
-        writer, reader = client.do_exchange(flight.FlightDescriptor.for_path(MODEL))
-        with writer:
-            writer.begin(batch.schema)
-            writer.write_batch(batch)
-            out = reader.read_chunk().data
-            writer.done_writing()
-        return out
-    finally:
-        client.close()
+    return exchange(server.flight_uri, MODEL, [batch])[0]
 
 
 def triton_infer(server: ServerProcess, ids: list[str], windows: np.ndarray, outputs: list[str] | None = None):
