@@ -7,18 +7,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from iskander.demo.build import IR_VERSION, OPSET, build_demo
+from iskander.demo.build import IR_VERSION, OPSET, build_demo, save_model
 
 
 def _save(graph, path: Path) -> Path:
-    import onnx
-    from onnx import helper
-
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_model(graph, path, producer="iskander-tests")
 
 
 def build_dtypes(path: Path) -> Path:

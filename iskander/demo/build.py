@@ -17,11 +17,12 @@ OPSET = 17
 IR_VERSION = 9  # readable by every onnxruntime >= 1.16
 
 
-def _model(graph, path: Path) -> Path:
+def save_model(graph, path: Path, producer: str = "iskander-demo") -> Path:
+    """Wrap a graph in a model (opset OPSET, IR_VERSION), check it and save it."""
     import onnx
     from onnx import helper
 
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="iskander-demo")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=producer)
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def build_two_tower(path: Path, dim_in: int = 16, dim_emb: int = 32, seed: int =
             numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
         ],
     )
-    return _model(graph, path)
+    return save_model(graph, path)
 
 
 def build_tabular(path: Path, n_num: int = 4, n_categories: int = 10, seed: int = 11) -> Path:
@@ -92,7 +93,7 @@ def build_tabular(path: Path, n_num: int = 4, n_categories: int = 10, seed: int 
             numpy_helper.from_array(b, "b"),
         ],
     )
-    return _model(graph, path)
+    return save_model(graph, path)
 
 
 TWO_TOWER_MANIFEST = """\
