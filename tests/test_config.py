@@ -182,3 +182,12 @@ def test_port_in_use_is_a_clear_start_error(tmp_path, models_dir, flag):
     assert proc.returncode != 0
     assert "cannot bind the" in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_committed_demo_models_are_what_the_builder_makes(tmp_path):
+    from iskander.demo.build import build_demo
+
+    build_demo(tmp_path)
+    demo = default_config_path().parent
+    for name in ("two_tower.onnx", "tabular.onnx", "two_tower.manifest.toml", "tabular.manifest.toml", "config.toml"):
+        assert (tmp_path / name).read_bytes() == (demo / name).read_bytes(), name
