@@ -99,6 +99,35 @@ def to_ndarray(arr: pa.Array) -> np.ndarray:
     return compile_reader(arr.type)(arr)
 
 
+Writer = Callable[[np.ndarray], pa.Array]
+
+
+def compile_writer(arrow_type: pa.DataType) -> Writer:
+    """A function tensor -> Arrow column of ``arrow_type``, built once per output column: plain
+    numeric primitives and fixed_size_lists get a lean wrapper; every other type goes through
+    from_ndarray."""
+    elem = element_type(arrow_type)
+    plain = (pa.types.is_integer(elem) or pa.types.is_floating(elem)) and not isinstance(elem, pa.ExtensionType) \
+        and (not pa.types.is_nested(arrow_type) or pa.types.is_fixed_size_list(arrow_type)) \
+        and not isinstance(arrow_type, pa.ExtensionType) and not is_fixed_shape_tensor(arrow_type)
+    if not plain:
+        return lambda values: from_ndarray(values, arrow_type)
+    dtype = np.dtype(elem.to_pandas_dtype())
+    dims = row_shape(arrow_type)
+
+    def write(values: np.ndarray) -> pa.Array:
+        if values.dtype != dtype:
+            raise TypeError(f"tensor dtype {values.dtype} does not match Arrow type {elem}")
+        if not values.flags.c_contiguous:
+            values = np.ascontiguousarray(values)
+        out = pa.Array.from_buffers(elem, values.size, [None, pa.py_buffer(values)])
+        for d in reversed(dims):
+            out = pa.FixedSizeListArray.from_arrays(out, d)
+        return out
+
+    return write
+
+
 def from_ndarray(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     """Arrow column of ``arrow_type`` over a tensor of shape [N, *row_shape(arrow_type)].
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from data import fsl, tabular_batch, two_tower_batch
-from iskander.arrow_tensor import from_ndarray, to_ndarray
+from iskander.arrow_tensor import compile_writer, from_ndarray, to_ndarray
 from iskander.errors import InvalidInput
 from iskander.frontends.oip_codec import TensorDecoder, encode_column
 from iskander.registry import ModelState, load_model
@@ -66,6 +66,9 @@ def test_output_arrays_wrap_the_result_buffer():
     assert value_buffer_address(arr) == addr(result)
     scalar = np.arange(6, dtype=np.int64)
     assert value_buffer_address(from_ndarray(scalar, pa.int64())) == addr(scalar)
+    # the writers compiled per output column at load wrap the buffer the same way
+    assert value_buffer_address(compile_writer(pa.list_(pa.float32(), 4))(result)) == addr(result)
+    assert value_buffer_address(compile_writer(pa.int64())(scalar)) == addr(scalar)
 
 
 def test_oip_raw_bytes_become_arrow_without_copy():
