@@ -214,7 +214,8 @@ def render(run_dir: Path) -> str:
             out += ["### Closed-loop peak", ""] + peak_section(peak, batch)
     if data.get("dynamic_batching"):
         a = args
-        out += ["## Dynamic batching (two_tower, batch-1 requests, closed loop)", "",
+        model = a.get("dynbatch_model", "two_tower")
+        out += [f"## Dynamic batching ({model}, batch-1 requests, closed loop)", "",
                 f"{a['dynbatch_workers'] * a['dynbatch_slots']} concurrent clients ({a['dynbatch_workers']} processes x "
                 f"{a['dynbatch_slots']}), {a['dynbatch_duration']:g} s; `on` = "
                 "`dynamic_batching = { max_batch_rows = 64, max_queue_delay_us = 2000 }`.", ""]

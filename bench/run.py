@@ -37,7 +37,7 @@ from pathlib import Path
 
 from loadgen import LoadSpec, run_load
 from systems import SYSTEMS, Iskander, System, rss_kb
-from workloads import ORT_SETTINGS, Workload, parse
+from workloads import ORT_SETTINGS, Workload, parse, wide_mlp_file
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKLOADS = "two_tower:1,two_tower:32,two_tower:128,two_tower:1024,two_tower:8192,tabular:128"
@@ -216,18 +216,22 @@ def run_workload(workload: Workload, args, results: Results, workdir: Path) -> N
 
 
 def run_dynamic_batching(args, results: Results, workdir: Path) -> None:
-    workload = Workload("two_tower", 1)
+    workload = Workload(args.dynbatch_model, 1)
+    if args.dynbatch_model == "wide_mlp":
+        wide_mlp_file()
     clients = args.dynbatch_workers * args.dynbatch_slots
-    print(f"\n[bench] dynamic batching: two_tower batch 1, closed loop, {clients} clients, {DYNAMIC_BATCHING}", flush=True)
+    print(f"\n[bench] dynamic batching: {args.dynbatch_model} batch 1, closed loop, {clients} clients, "
+          f"{DYNAMIC_BATCHING}", flush=True)
     for setting in (None, DYNAMIC_BATCHING):
         system = Iskander(dynamic_batching=setting)  # write_iskander_config creates the folder
-        system.start(workdir / ("dynbatch-on" if setting else "dynbatch-off"), ["two_tower"])
+        system.start(workdir / ("dynbatch-on" if setting else "dynbatch-off"), [args.dynbatch_model])
         LIVE.append(system)
         try:
             for transport in args.dynbatch_transports:
                 res = measure(system, transport, workload, args, mode="closed", duration_s=args.dynbatch_duration,
                               workers=args.dynbatch_workers, slots=args.dynbatch_slots)
                 res["phase"], res["dynamic_batching"] = "dynamic_batching", setting
+                res["model"] = args.dynbatch_model
                 res["series"] = f"iskander/{transport} batching={'on' if setting else 'off'}"
                 results.add("dynamic_batching", res)
                 show(res)
@@ -313,6 +317,8 @@ def parse_args(argv=None):
     p.add_argument("--dynbatch-workers", type=int, default=4)
     p.add_argument("--dynbatch-slots", type=int, default=8)
     p.add_argument("--dynbatch-transports", default="flight_kept,oip")
+    p.add_argument("--dynbatch-model", default="two_tower", choices=["two_tower", "tabular", "wide_mlp"],
+                   help="wide_mlp: a model whose per-call cost dominates (built on first use)")
     p.add_argument("--memory-requests", type=int, default=10000)
     p.add_argument("--memory-batch", type=int, default=8192)
     p.add_argument("--memory-timeout", type=float, default=1800.0, help="upper bound on the memory phase, seconds")

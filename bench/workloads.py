@@ -52,6 +52,38 @@ class Model:
         return "\n".join(lines)
 
 
+GENERATED_DIR = Path(__file__).resolve().parent / "models"  # bench-only models, built on first use
+
+
+def wide_mlp_file() -> Path:
+    """A model whose per-call cost dominates: x [N, 1024] -> 4096 -> 4096 -> score [N, 1], ~21M
+    float32 weights. At batch 1 every call streams all weights for one row; merged calls share
+    that cost, which is what dynamic batching is for."""
+    path = GENERATED_DIR / "wide_mlp.onnx"
+    if path.is_file():
+        return path
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    dims = [1024, 4096, 4096, 1]
+    inits, nodes, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        inits.append(numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"))
+        out = "score" if i == len(dims) - 2 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out if out == "score" else f"m{i}"]))
+        if out != "score":
+            nodes.append(helper.make_node("Relu", [f"m{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(nodes, "wide_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dims[0]])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N", 1])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    GENERATED_DIR.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 MODELS = {
     "two_tower": Model(
         "two_tower", DEMO_DIR / "two_tower.onnx",
@@ -62,6 +94,11 @@ MODELS = {
         "tabular", DEMO_DIR / "tabular.onnx",
         inputs=(Tensor("numeric", "float32", 4), Tensor("category", "int64", 1, scalar=True)),
         outputs=(Tensor("probability", "float32", 1, scalar=True),),
+    ),
+    "wide_mlp": Model(
+        "wide_mlp", GENERATED_DIR / "wide_mlp.onnx",
+        inputs=(Tensor("x", "float32", 1024),),
+        outputs=(Tensor("score", "float32", 1, scalar=True),),
     ),
 }
 
