@@ -223,7 +223,7 @@ def run_dynamic_batching(args, results: Results, workdir: Path) -> None:
     print(f"\n[bench] dynamic batching: {args.dynbatch_model} batch 1, closed loop, {clients} clients, "
           f"{DYNAMIC_BATCHING}", flush=True)
     for setting in (None, DYNAMIC_BATCHING):
-        system = Iskander(dynamic_batching=setting)  # write_iskander_config creates the folder
+        system = Iskander(dynamic_batching=setting, instances=args.dynbatch_instances)  # creates the folder
         system.start(workdir / ("dynbatch-on" if setting else "dynbatch-off"), [args.dynbatch_model])
         LIVE.append(system)
         try:
@@ -317,6 +317,8 @@ def parse_args(argv=None):
     p.add_argument("--dynbatch-workers", type=int, default=4)
     p.add_argument("--dynbatch-slots", type=int, default=8)
     p.add_argument("--dynbatch-transports", default="flight_kept,oip")
+    p.add_argument("--dynbatch-instances", type=int, default=1,
+                   help="Iskander `instances` for the dynamic batching phase (sessions; batcher worker threads)")
     p.add_argument("--dynbatch-model", default="two_tower", choices=["two_tower", "tabular", "wide_mlp"],
                    help="wide_mlp: a model whose per-call cost dominates (built on first use)")
     p.add_argument("--memory-requests", type=int, default=10000)

@@ -73,18 +73,19 @@ class Iskander(System):
     label = "iskander"
     transports = ("flight_kept", "flight_new", "oip")
 
-    def __init__(self, dynamic_batching: dict | None = None) -> None:
+    def __init__(self, dynamic_batching: dict | None = None, instances: int = 1) -> None:
+        self.instances = instances
         super().__init__()
         self.dynamic_batching = dynamic_batching
 
     def start(self, workdir: Path, models: list[str]) -> None:
-        config = write_iskander_config(workdir / "iskander", models, self.dynamic_batching)
+        config = write_iskander_config(workdir / "iskander", models, self.dynamic_batching, self.instances)
         server = spawn_server(config, workdir / ("iskander-dynbatch.log" if self.dynamic_batching else "iskander.log"))
         self.procs = [server.process]
         self.endpoint = {"flight_uri": server.flight_uri, "grpc_url": server.grpc_url}
 
     def describe(self) -> dict:
-        return {**super().describe(), "dynamic_batching": self.dynamic_batching}
+        return {**super().describe(), "dynamic_batching": self.dynamic_batching, "instances": self.instances}
 
 
 class Minimal(System):
