@@ -43,6 +43,7 @@ class _Pending:
     done: threading.Event = attrs.Factory(threading.Event)
     run: BatchRun | None = None
     error: BaseException | None = None
+    taken: bool = False  # claimed by a worker (or, after close, by its own requester)
 
 
 _STOP = object()
@@ -60,7 +61,7 @@ class Batcher:
         self.preferred = frozenset(settings.preferred_batch_rows)
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
-        self._carry_lock = threading.Lock()
+        self._claim = threading.Lock()
         self._threads = [
             threading.Thread(target=self._loop, name=f"batcher-{model}-{i}", daemon=True) for i in range(workers)
         ]
@@ -76,11 +77,21 @@ class Batcher:
             return self._run_alone(feeds, rows, now)  # nothing to gain from waiting
         item = _Pending(feeds, rows, now)
         self._queue.put(item)
-        item.done.wait()
+        while not item.done.wait(0.1):
+            # close() raced with this put: the workers may be gone, so run it here unless one took it
+            if self._closed and self._take(item):
+                return self._run_alone(feeds, rows, now)
         if item.error is not None:
             raise item.error
         assert item.run is not None
         return item.run
+
+    def _take(self, item: _Pending) -> bool:
+        with self._claim:
+            if item.taken:
+                return False
+            item.taken = True
+            return True
 
     def _run_alone(self, feeds: dict[str, np.ndarray], rows: int, enqueued: int) -> BatchRun:
         start = time.perf_counter_ns()
@@ -95,10 +106,17 @@ class Batcher:
 
     # --- worker side --------------------------------------------------------------------------------
 
+    def _next(self, timeout: float | None = None, block: bool = True) -> object:
+        """The next queued item this worker may run (skipping ones their requesters took back)."""
+        while True:
+            item = self._queue.get(timeout=timeout) if block else self._queue.get_nowait()
+            if item is _STOP or self._take(item):
+                return item
+
     def _loop(self) -> None:
         carry = None
         while True:
-            first = carry if carry is not None else self._queue.get()
+            first = carry if carry is not None else self._next()
             carry = None
             if first is _STOP:
                 return
@@ -108,7 +126,7 @@ class Batcher:
             while rows < self.settings.max_batch_rows and rows not in self.preferred:
                 remaining = (deadline - time.perf_counter_ns()) / 1e9
                 try:
-                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    item = self._next(timeout=remaining) if remaining > 0 else self._next(block=False)
                 except queue.Empty:
                     break
                 if item is _STOP or rows + item.rows > self.settings.max_batch_rows:

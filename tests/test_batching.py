@@ -127,3 +127,31 @@ def test_single_large_request_runs_without_waiting(batched_server, models_dir):
     got = flight_one(batched_server.flight_uri, batch)
     ref = reference(models_dir / "tabular.onnx", feeds)["probability"].reshape(-1)
     np.testing.assert_array_equal(got.column("score").to_numpy(), ref)
+
+
+def test_requests_racing_a_closed_batcher_still_get_answers(models_dir):
+    """A request queued just as its model is unloaded or reloaded (batcher closed) is answered,
+    never left waiting."""
+    from iskander.batcher import Batcher
+    from iskander.onnx_backend import OnnxBackend
+    from iskander.settings import DynamicBatching, ModelSettings
+
+    backend = OnnxBackend(ModelSettings(name="t", path=models_dir / "tabular.onnx"))
+    batcher = Batcher(backend, ["probability"], DynamicBatching(max_batch_rows=64, max_queue_delay_us=0), "t")
+    _, feeds = tabular_batch(3, seed=1)
+    feeds = {"numeric": feeds["numeric"], "category": feeds["category"]}
+    assert batcher.run(feeds, 3).results["probability"].shape == (3, 1)
+    batcher.close()
+    for t in batcher._threads:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in batcher._threads)
+    # closed: runs unbatched at once
+    assert batcher.run(feeds, 3).results["probability"].shape == (3, 1)
+    # an item that reached the queue after the workers left is claimed back by its requester
+    batcher._closed = False  # simulate the race: the check passed before close() ...
+    done = []
+    thread = threading.Thread(target=lambda: done.append(batcher.run(feeds, 3)))
+    thread.start()
+    batcher._closed = True  # ... and close() happened right after the put
+    thread.join(timeout=5)
+    assert done and done[0].results["probability"].shape == (3, 1)
