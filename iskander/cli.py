@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,12 @@ def main(config_path: Path | None, host: str | None, flight_port: int | None, gr
     from .server import IskanderServer  # heavy imports only once the config is known good
 
     try:
-        IskanderServer(settings).run()
+        clean = IskanderServer(settings).run()
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
+    if not clean:
+        # Threads still blocked on open client streams would keep the interpreter alive; the grace
+        # period is over, so end the process now (exit 0: this is the requested shutdown).
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)

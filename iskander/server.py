@@ -46,18 +46,30 @@ class IskanderServer:
         while not self._stop.wait(0.5):
             pass
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop accepting, let in-flight calls finish within grace_seconds. Returns False when
+        something was still running at the deadline (an idle client holding a DoExchange stream
+        open blocks pyarrow's shutdown for ever), so the caller must end the process itself."""
         grace = self.settings.server.grace_seconds
         self.core.live = False
         set_health(self.health, self.core, serving=False)  # probes see NOT_SERVING first
         done = self.grpc_server.stop(grace)
-        self.flight_server.shutdown()  # waits for in-flight Flight calls to finish
-        done.wait(grace + 1)
-        self._flight_thread.join(timeout=grace + 1)
-        log.info("stopped")
+        # pyarrow's shutdown() blocks until every Flight call returns, with no deadline of its own
+        flight_down = threading.Thread(target=self.flight_server.shutdown, name="flight-shutdown", daemon=True)
+        flight_down.start()
+        flight_down.join(timeout=grace)
+        grpc_done = done.wait(grace + 1)  # usually set already: gRPC's own grace ran meanwhile
+        clean = grpc_done and not flight_down.is_alive()
+        if clean:
+            self._flight_thread.join(timeout=1)
+            log.info("stopped")
+        else:
+            log.warning("stopped after the %.1f s grace period with calls still open (idle streams); closing them", grace)
+        return clean
 
-    def run(self) -> None:
-        """Start, print the ready line, serve until SIGINT/SIGTERM, then stop."""
+    def run(self) -> bool:
+        """Start, print the ready line, serve until SIGINT/SIGTERM, then stop. Returns whether every
+        call finished within the grace period."""
         flight_port, grpc_port = self.start()
         host = self.settings.server.host
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -71,4 +83,5 @@ class IskanderServer:
         try:
             self.wait()
         finally:
-            self.stop()
+            clean = self.stop()
+        return clean
