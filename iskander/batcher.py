@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
+from .errors import DeadlineExceeded
 from .onnx_backend import OnnxBackend
 from .settings import DynamicBatching
 
@@ -44,6 +45,7 @@ class _Pending:
     run: BatchRun | None = None
     error: BaseException | None = None
     taken: bool = False  # claimed by a worker (or, after close, by its own requester)
+    deadline: float | None = None  # time.monotonic(); expired items are answered without running
 
 
 _STOP = object()
@@ -70,12 +72,13 @@ class Batcher:
 
     # --- request side -------------------------------------------------------------------------------
 
-    def run(self, feeds: dict[str, np.ndarray], rows: int) -> BatchRun:
-        """Queue one request's tensors and wait for its share of a batched execution."""
+    def run(self, feeds: dict[str, np.ndarray], rows: int, deadline: float | None = None) -> BatchRun:
+        """Queue one request's tensors and wait for its share of a batched execution. A request
+        whose ``deadline`` (time.monotonic()) passes while it waits is answered without running."""
         now = time.perf_counter_ns()
         if self._closed or rows >= self.settings.max_batch_rows:
             return self._run_alone(feeds, rows, now)  # nothing to gain from waiting
-        item = _Pending(feeds, rows, now)
+        item = _Pending(feeds, rows, now, deadline=deadline)
         self._queue.put(item)
         while not item.done.wait(0.1):
             # close() raced with this put: the workers may be gone, so run it here unless one took it
@@ -137,6 +140,20 @@ class Batcher:
             self._execute(group, rows)
 
     def _execute(self, group: list[_Pending], rows: int) -> None:
+        now = time.monotonic()
+        expired = [g for g in group if g.deadline is not None and g.deadline <= now]
+        if expired:
+            for item in expired:
+                item.error = DeadlineExceeded(
+                    f"model '{self.model}': the request's deadline passed while it waited in the batch queue; "
+                    "it was not run",
+                    model=self.model,
+                )
+                item.done.set()
+            group = [g for g in group if g not in expired]
+            if not group:
+                return
+            rows = sum(g.rows for g in group)
         start = time.perf_counter_ns()
         try:
             if len(group) == 1:

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .arrow_types import element_type, numpy_dtype
 from .contract import OutputBinding, Prepared
-from .errors import InvalidInput
+from .errors import DeadlineExceeded, InvalidInput
 from .registry import ModelRegistry, ModelVersion
 from .stats import Execution
 
@@ -63,6 +63,7 @@ class InferenceCore:
         batch: pa.RecordBatch,
         outputs: Sequence[str] | None = None,
         received_ns: int | None = None,
+        deadline: float | None = None,
     ) -> InferResult:
         """Run one batch. ``received_ns`` (perf_counter_ns when the frontend got the request) lets
         the statistics count the frontend's decoding as compute_input, as Triton does."""
@@ -82,7 +83,7 @@ class InferenceCore:
                 out = contract.empty_output(prepared, selected)
                 stats.record_success(time.perf_counter_ns() - received, None, 0)
                 return InferResult(model, entry.version, out)
-            results, run = self._run(entry, prepared, selected)
+            results, run = self._run(entry, prepared, selected, deadline)
             out = contract.assemble(prepared, selected, results)
             done = time.perf_counter_ns()
         except Exception:  # client mistakes and server faults alike count as failures
@@ -98,6 +99,7 @@ class InferenceCore:
         rows: int,
         outputs: Sequence[str] | None = None,
         received_ns: int | None = None,
+        deadline: float | None = None,
     ) -> tuple[tuple[OutputBinding, ...], dict[str, np.ndarray]]:
         """The same as ``infer`` for a plain contract (``contract.plain``), with numpy tensors keyed
         by column name in and out: for frontends that already hold tensors (OIP raw contents)."""
@@ -115,7 +117,7 @@ class InferenceCore:
                          for b in selected}
                 stats.record_success(time.perf_counter_ns() - received, None, 0)
                 return selected, empty
-            results, run = self._run(entry, prepared, selected)
+            results, run = self._run(entry, prepared, selected, deadline)
             out = contract.tensors_out(selected, results, rows)
             done = time.perf_counter_ns()
         except Exception:
@@ -137,12 +139,17 @@ class InferenceCore:
 
     @staticmethod
     def _run(
-        entry: ModelVersion, prepared: Prepared, selected: Sequence[OutputBinding]
+        entry: ModelVersion, prepared: Prepared, selected: Sequence[OutputBinding], deadline: float | None = None
     ) -> tuple[dict[str, np.ndarray], _Run]:
-        """onnxruntime, directly or through the model's dynamic batcher."""
+        """onnxruntime, directly or through the model's dynamic batcher; an expired request is not run."""
         prepared_at = time.perf_counter_ns()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(
+                f"model '{entry.name}': the request's deadline passed before it ran; it was not run",
+                model=entry.name,
+            )
         if entry.batcher is not None:
-            batch_run = entry.batcher.run(prepared.feeds, prepared.rows)
+            batch_run = entry.batcher.run(prepared.feeds, prepared.rows, deadline)
             return batch_run.results, _Run(
                 prepared_at, batch_run.queue_ns, batch_run.infer_ns, batch_run.batch_rows, batch_run.first,
                 time.perf_counter_ns(),

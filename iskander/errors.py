@@ -53,6 +53,12 @@ class ResourceExhausted(IskanderError):
     code = ErrorCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceeded(IskanderError):
+    """The request's deadline passed before the model ran it; it was not run."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
 class Unimplemented(IskanderError):
     code = ErrorCode.UNIMPLEMENTED
 

@@ -27,9 +27,11 @@ class IskanderServer:
         self.registry.load_all()
         s = self.settings.server
         self.grpc_server, self.grpc_port, self.health = make_grpc_server(
-            self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes
+            self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes, s.request_timeout_s
         )
-        self.flight_server = make_flight_server(self.core, s.host, s.flight_port, s.max_message_bytes)
+        self.flight_server = make_flight_server(
+            self.core, s.host, s.flight_port, s.max_message_bytes, s.request_timeout_s
+        )
         self.flight_port = self.flight_server.port
         self.grpc_server.start()
         self._flight_thread = threading.Thread(target=self.flight_server.serve, name="flight", daemon=True)

@@ -88,6 +88,7 @@ class ServerSettings:
     grpc_workers: int = 16
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 5.0
+    request_timeout_s: float = 0.0  # server-side deadline for every request; 0 = none (clients' own deadlines still apply)
 
 
 @attrs.frozen
@@ -105,7 +106,9 @@ _MODEL_KEYS = {
     "max_batch_size", "dynamic_batching",
 }
 _BATCHING_KEYS = {"max_batch_rows", "max_queue_delay_us", "preferred_batch_rows"}
-_SERVER_KEYS = {"host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds"}
+_SERVER_KEYS = {
+    "host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds", "request_timeout_s",
+}
 
 
 class _Where:
@@ -268,11 +271,15 @@ def _parse_server(table: Any, source: Path | str) -> ServerSettings:
     grace = _typed(where, table, "grace_seconds", (int, float), d.grace_seconds)
     if grace < 0:
         raise where.error("server.grace_seconds", f"must be >= 0, got {grace}")
+    timeout = _typed(where, table, "request_timeout_s", (int, float), d.request_timeout_s)
+    if timeout < 0:
+        raise where.error("server.request_timeout_s", f"must be >= 0, got {timeout}")
     return ServerSettings(
         host=_typed(where, table, "host", str, d.host),
         grpc_workers=workers,
         max_message_bytes=max_bytes,
         grace_seconds=float(grace),
+        request_timeout_s=float(timeout),
         **ports,
     )
 

@@ -3,6 +3,7 @@ are split back correctly, and a request the model rejects fails alone."""
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 
 from data import tabular_batch
 from helpers import exchange, serving
@@ -51,12 +53,16 @@ def oip_one(url: str, batch: pa.RecordBatch) -> np.ndarray:
         c.close()
 
 
-def stats(url: str) -> dict:
+def stats_of(url: str, model: str) -> dict:
     c = triton.InferenceServerClient(url)
     try:
-        return c.get_inference_statistics("batched", "1", as_json=True)["model_stats"][0]
+        return c.get_inference_statistics(model, "1", as_json=True)["model_stats"][0]
     finally:
         c.close()
+
+
+def stats(url: str) -> dict:
+    return stats_of(url, "batched")
 
 
 def test_model_config_advertises_dynamic_batching(batched_server):
@@ -155,3 +161,49 @@ def test_requests_racing_a_closed_batcher_still_get_answers(models_dir):
     batcher._closed = True  # ... and close() happened right after the put
     thread.join(timeout=5)
     assert done and done[0].results["probability"].shape == (3, 1)
+
+
+SLOW_QUEUE = """\
+[server]
+request_timeout_s = {timeout}
+
+[[models]]
+name = "slow_queue"
+path = "{root}/tabular.onnx"
+dynamic_batching = {{ max_batch_rows = 1000, max_queue_delay_us = 600000 }}
+"""
+
+
+def test_expired_requests_are_not_run(models_dir, tmp_path):
+    """A request whose deadline passes while it waits in the batch queue is answered
+    DEADLINE_EXCEEDED and never reaches the model: the client's gRPC deadline on OIP, the server's
+    request_timeout_s on both frontends."""
+    import time
+
+    with serving(tmp_path, SLOW_QUEUE.format(root=models_dir, timeout=0.2)) as server:
+        before = stats_of(server.grpc_url, "slow_queue")
+        # Flight: the server's request_timeout_s (0.2 s) passes during the 0.6 s queue delay
+        batch, _ = tabular_batch(2)
+        with pytest.raises(flight.FlightError) as info:
+            exchange(server.flight_uri, "slow_queue", [batch])
+        assert json.loads(info.value.extra_info)["code"] == "DEADLINE_EXCEEDED"
+        assert "deadline passed while it waited in the batch queue; it was not run" in str(info.value)
+        # OIP with a client deadline shorter than both
+        c = triton.InferenceServerClient(server.grpc_url)
+        n = 2
+        inputs = []
+        for name, data, dtype in (("entity_id", np.array([[b"a"], [b"b"]], dtype=np.object_), "BYTES"),
+                                  ("features", np.ones((n, 4), np.float32), "FP32"),
+                                  ("category", np.ones((n, 1), np.int64), "INT64")):
+            t = triton.InferInput(name, list(data.shape), dtype)
+            t.set_data_from_numpy(data)
+            inputs.append(t)
+        with pytest.raises(InferenceServerException) as oip_info:
+            c.infer("slow_queue", inputs, client_timeout=0.1)
+        assert "DEADLINE_EXCEEDED" in str(oip_info.value.status())
+        c.close()
+        time.sleep(0.8)  # let the queue run out
+        after = stats_of(server.grpc_url, "slow_queue")
+    fails = int(after["inference_stats"]["fail"]["count"]) - int(before["inference_stats"].get("fail", {}).get("count", 0))
+    assert fails == 2
+    assert int(after.get("execution_count", 0)) == int(before.get("execution_count", 0))  # nothing ran

@@ -99,6 +99,8 @@ def test_defaults_and_server_table(tmp_path):
      "model 'm', key 'dynamic_batching.max_delay': unknown key"),
     ('[[models]]\nname = "m"\npath = "m.onnx"\ndynamic_batching = { preferred_batch_rows = [4096] }\n',
      "model 'm', key 'dynamic_batching.preferred_batch_rows': must be integers in 1..max_batch_rows (1024)"),
+    ('[server]\nrequest_timeout_s = -1\n[[models]]\nname = "m"\npath = "m.onnx"\n',
+     "key 'server.request_timeout_s': must be >= 0, got -1"),
     ('', "key 'models': at least one [[models]] table is required"),
     ('[[models]\n', "invalid TOML"),
 ])

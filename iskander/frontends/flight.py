@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,9 +82,13 @@ def _json_result(value: Any) -> flight.Result:
 
 
 class FlightFrontend(flight.FlightServerBase):
-    def __init__(self, core: InferenceCore, location: str, max_batch_bytes: int, **kwargs: Any) -> None:
+    def __init__(
+        self, core: InferenceCore, location: str, max_batch_bytes: int, request_timeout_s: float = 0.0, **kwargs: Any
+    ) -> None:
         super().__init__(location, **kwargs)
         self.core = core
+        # pyarrow does not show a Flight client's own deadline to the server: only this one applies
+        self.request_timeout_s = request_timeout_s
         # pyarrow exposes no gRPC message cap for Flight servers, so the same limit as the OIP
         # frontend's max_message_bytes is applied to each received batch before it reaches a model.
         self.max_batch_bytes = max_batch_bytes
@@ -143,7 +148,8 @@ class FlightFrontend(flight.FlightServerBase):
                     f"({self.max_batch_bytes}); send smaller batches",
                     model=name, limit="max_message_bytes", expected=self.max_batch_bytes, got=size,
                 )
-            result = self.core.infer(name, version, batch)
+            deadline = time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
+            result = self.core.infer(name, version, batch, deadline=deadline)
             if not started:
                 writer.begin(result.batch.schema)
                 started = True
@@ -201,9 +207,11 @@ class FlightFrontend(flight.FlightServerBase):
             raise InvalidInput(f"unknown action '{kind}'; actions: {', '.join(ACTIONS)}", action=kind)
 
 
-def make_flight_server(core: InferenceCore, host: str, port: int, max_batch_bytes: int) -> FlightFrontend:
+def make_flight_server(
+    core: InferenceCore, host: str, port: int, max_batch_bytes: int, request_timeout_s: float = 0.0
+) -> FlightFrontend:
     try:
-        return FlightFrontend(core, f"grpc://{host}:{port}", max_batch_bytes)
+        return FlightFrontend(core, f"grpc://{host}:{port}", max_batch_bytes, request_timeout_s)
     except pa.ArrowException as exc:  # pyarrow says only "Server did not start properly"
         raise OSError(
             f"cannot bind the Arrow Flight port {host}:{port} (in use, or not an address of this machine)"

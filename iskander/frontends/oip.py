@@ -113,8 +113,9 @@ class _ModelCodec:
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, request_timeout_s: float = 0.0) -> None:
         self.core = core
+        self.request_timeout_s = request_timeout_s
         # Keyed weakly by the contract object: a reloaded model gets a fresh codec and the old one
         # goes with its contract.
         self._codecs: weakref.WeakKeyDictionary[object, _ModelCodec] = weakref.WeakKeyDictionary()
@@ -228,7 +229,20 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         return arrays, rows or 0
 
-    def infer(self, request: pb.ModelInferRequest, received_ns: int) -> pb.ModelInferResponse:
+    def _deadline(self, context: grpc.ServicerContext) -> float | None:
+        """The earlier of the client's gRPC deadline and the server's request_timeout_s (monotonic)."""
+        now = time.monotonic()
+        candidates = []
+        remaining = context.time_remaining()
+        if remaining is not None:
+            candidates.append(now + remaining)
+        if self.request_timeout_s:
+            candidates.append(now + self.request_timeout_s)
+        return min(candidates) if candidates else None
+
+    def infer(
+        self, request: pb.ModelInferRequest, received_ns: int, deadline: float | None = None
+    ) -> pb.ModelInferResponse:
         model = request.model_name
         entry = self.core.model(model, request.model_version or None)
         codec = self._codec(entry)
@@ -239,9 +253,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         requested: Sequence[str] = list(dict.fromkeys(o.name for o in request.outputs))
         if codec.plain:
-            return self._infer_plain(entry, codec, request, arrays, rows, requested, received_ns)
+            return self._infer_plain(entry, codec, request, arrays, rows, requested, received_ns, deadline)
         batch = codec.batch(arrays, rows)
-        result = self.core.infer(model, entry.version, batch, outputs=requested or None, received_ns=received_ns)
+        result = self.core.infer(model, entry.version, batch, outputs=requested or None, received_ns=received_ns,
+                                 deadline=deadline)
         out = result.batch
         response = pb.ModelInferResponse(model_name=model, model_version=result.version, id=request.id)
         columns = dict(zip(out.schema.names, out.columns)) if codec.flat_outputs else _flat_columns(out, codec.skip)
@@ -259,9 +274,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _infer_plain(
         self, entry: ModelVersion, codec: _ModelCodec, request: pb.ModelInferRequest, arrays: dict[str, Any],
-        rows: int, requested: Sequence[str], received_ns: int,
+        rows: int, requested: Sequence[str], received_ns: int, deadline: float | None,
     ) -> pb.ModelInferResponse:
-        selected, tensors = self.core.infer_tensors(entry, arrays, rows, requested or None, received_ns)
+        selected, tensors = self.core.infer_tensors(entry, arrays, rows, requested or None, received_ns, deadline)
         response = pb.ModelInferResponse(model_name=entry.name, model_version=entry.version, id=request.id)
         raw_outputs = []
         for binding in selected:
@@ -274,7 +289,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        return self.infer(request, time.perf_counter_ns())
+        return self.infer(request, time.perf_counter_ns(), self._deadline(context))
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
@@ -284,7 +299,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         for request in request_iterator:
             received = time.perf_counter_ns()
             try:
-                yield pb.ModelStreamInferResponse(infer_response=self.infer(request, received))
+                yield pb.ModelStreamInferResponse(infer_response=self.infer(request, received, self._deadline(context)))
             except IskanderError as exc:
                 message = exc.message
             except Exception:  # noqa: BLE001 - one bad request must not end the stream
@@ -362,7 +377,7 @@ for _method, _feature in _UNIMPLEMENTED.items():
 
 
 def make_grpc_server(
-    core: InferenceCore, host: str, port: int, workers: int, max_message_bytes: int
+    core: InferenceCore, host: str, port: int, workers: int, max_message_bytes: int, request_timeout_s: float = 0.0
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -370,7 +385,7 @@ def make_grpc_server(
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip"), options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, request_timeout_s), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
