@@ -46,6 +46,8 @@ def main(config_path: Path | None, host: str | None, flight_port: int | None, gr
         clean = IskanderServer(settings).run()
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     if not clean:
         # Threads still blocked on open client streams would keep the interpreter alive; the grace
         # period is over, so end the process now (exit 0: this is the requested shutdown).

@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 
+from .auth import load_tokens
 from .core import InferenceCore
 from .frontends.flight import make_flight_server
 from .frontends.oip import make_grpc_server, set_health
@@ -26,11 +27,16 @@ class IskanderServer:
         """Load models, bind both ports; returns the bound (flight_port, grpc_port)."""
         self.registry.load_all()
         s = self.settings.server
+        auth = load_tokens(s.auth_tokens, s.auth_token_file)
+        if auth.enabled:
+            log.info("bearer-token authentication on for both frontends%s",
+                     " (grpc.health.v1 open)" if s.auth_health_open else "")
         self.grpc_server, self.grpc_port, self.health = make_grpc_server(
-            self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes, s.request_timeout_s
+            self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes, s.request_timeout_s,
+            auth=auth, health_open=s.auth_health_open,
         )
         self.flight_server = make_flight_server(
-            self.core, s.host, s.flight_port, s.max_message_bytes, s.request_timeout_s
+            self.core, s.host, s.flight_port, s.max_message_bytes, s.request_timeout_s, auth=auth
         )
         self.flight_port = self.flight_server.port
         self.grpc_server.start()

@@ -89,6 +89,9 @@ class ServerSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 5.0
     request_timeout_s: float = 0.0  # server-side deadline for every request; 0 = none (clients' own deadlines still apply)
+    auth_tokens: tuple[str, ...] = ()  # bearer tokens; with ISKANDER_AUTH_TOKENS and auth_token_file: auth is on
+    auth_token_file: Path | None = None
+    auth_health_open: bool = True  # grpc.health.v1 answers without a token (Kubernetes probes)
 
 
 @attrs.frozen
@@ -108,6 +111,7 @@ _MODEL_KEYS = {
 _BATCHING_KEYS = {"max_batch_rows", "max_queue_delay_us", "preferred_batch_rows"}
 _SERVER_KEYS = {
     "host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds", "request_timeout_s",
+    "auth_tokens", "auth_token_file", "auth_health_open",
 }
 
 
@@ -248,7 +252,7 @@ def _parse_batching(where: _Where, table: Any) -> DynamicBatching | None:
     return DynamicBatching(max_batch_rows=rows, max_queue_delay_us=delay, preferred_batch_rows=tuple(sorted(preferred)))
 
 
-def _parse_server(table: Any, source: Path | str) -> ServerSettings:
+def _parse_server(table: Any, source: Path | str, base: Path | None = None) -> ServerSettings:
     where = _Where(source)
     if not isinstance(table, dict):
         raise where.error("server", "must be a table")
@@ -274,8 +278,15 @@ def _parse_server(table: Any, source: Path | str) -> ServerSettings:
     timeout = _typed(where, table, "request_timeout_s", (int, float), d.request_timeout_s)
     if timeout < 0:
         raise where.error("server.request_timeout_s", f"must be >= 0, got {timeout}")
+    tokens = _typed(where, table, "auth_tokens", list, [])
+    if not all(isinstance(t, str) and t.strip() for t in tokens):
+        raise where.error("server.auth_tokens", "must be a list of non-empty strings")
+    token_file = _typed(where, table, "auth_token_file", str, None)
     return ServerSettings(
         host=_typed(where, table, "host", str, d.host),
+        auth_tokens=tuple(t.strip() for t in tokens),
+        auth_token_file=((base or Path(".")) / token_file).resolve() if token_file else None,
+        auth_health_open=_typed(where, table, "auth_health_open", bool, d.auth_health_open),
         grpc_workers=workers,
         max_message_bytes=max_bytes,
         grace_seconds=float(grace),
@@ -289,7 +300,7 @@ def parse_config(data: dict[str, Any], source: Path | str, base: Path) -> Settin
     unknown = sorted(set(data) - {"server", "models"})
     if unknown:
         raise where.error(unknown[0], "unknown top-level key (expected [server] and [[models]])")
-    server = _parse_server(data.get("server", {}), source)
+    server = _parse_server(data.get("server", {}), source, base)
     raw_models = data.get("models", [])
     if not isinstance(raw_models, list) or not raw_models:
         raise where.error("models", "at least one [[models]] table is required")

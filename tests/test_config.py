@@ -101,6 +101,10 @@ def test_defaults_and_server_table(tmp_path):
      "model 'm', key 'dynamic_batching.preferred_batch_rows': must be integers in 1..max_batch_rows (1024)"),
     ('[server]\nrequest_timeout_s = -1\n[[models]]\nname = "m"\npath = "m.onnx"\n',
      "key 'server.request_timeout_s': must be >= 0, got -1"),
+    ('[server]\nauth_tokens = "secret"\n[[models]]\nname = "m"\npath = "m.onnx"\n',
+     "key 'auth_tokens': expected a list, got str 'secret'"),
+    ('[server]\nauth_tokens = [""]\n[[models]]\nname = "m"\npath = "m.onnx"\n',
+     "key 'server.auth_tokens': must be a list of non-empty strings"),
     ('', "key 'models': at least one [[models]] table is required"),
     ('[[models]\n', "invalid TOML"),
 ])

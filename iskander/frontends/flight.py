@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from ..auth import TokenAuth
 from ..core import InferenceCore
 from ..errors import InvalidInput, ResourceExhausted
 from ..model_info import describe, repository_index, statistics
@@ -207,11 +208,29 @@ class FlightFrontend(flight.FlightServerBase):
             raise InvalidInput(f"unknown action '{kind}'; actions: {', '.join(ACTIONS)}", action=kind)
 
 
+class TokenMiddlewareFactory(flight.ServerMiddlewareFactory):
+    """Refuses every Flight call without a valid 'authorization: Bearer <token>' header."""
+
+    def __init__(self, auth: TokenAuth) -> None:
+        super().__init__()
+        self.auth = auth
+
+    def start_call(self, info: flight.CallInfo, headers: dict[str, list[Any]]) -> None:
+        values = headers.get("authorization", [])
+        if not any(self.auth.check(v) for v in values):
+            raise flight.FlightUnauthenticatedError(
+                "missing or invalid bearer token: send header 'authorization: Bearer <token>'"
+            )
+        return None
+
+
 def make_flight_server(
-    core: InferenceCore, host: str, port: int, max_batch_bytes: int, request_timeout_s: float = 0.0
+    core: InferenceCore, host: str, port: int, max_batch_bytes: int, request_timeout_s: float = 0.0,
+    auth: TokenAuth | None = None,
 ) -> FlightFrontend:
+    middleware = {"auth": TokenMiddlewareFactory(auth)} if auth is not None and auth.enabled else None
     try:
-        return FlightFrontend(core, f"grpc://{host}:{port}", max_batch_bytes, request_timeout_s)
+        return FlightFrontend(core, f"grpc://{host}:{port}", max_batch_bytes, request_timeout_s, middleware=middleware)
     except pa.ArrowException as exc:  # pyarrow says only "Server did not start properly"
         raise OSError(
             f"cannot bind the Arrow Flight port {host}:{port} (in use, or not an address of this machine)"

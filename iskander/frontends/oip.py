@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .._proto import grpc_service_pb2 as pb
 from .._proto import grpc_service_pb2_grpc as pb_grpc
+from ..auth import TokenAuth
 from ..core import SERVER_NAME, InferenceCore, server_version
 from ..errors import InvalidInput, IskanderError
 from ..model_info import ready_versions, repository_index, statistics
@@ -376,15 +377,57 @@ for _method, _feature in _UNIMPLEMENTED.items():
     setattr(OipServicer, _method, _unimplemented(_method, _feature))
 
 
+_UNAUTHENTICATED = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without a valid bearer token; grpc.health.v1 stays open when asked to."""
+
+    def __init__(self, auth: TokenAuth, health_open: bool) -> None:
+        self.auth = auth
+        self.health_open = health_open
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        if self.health_open and handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if self.auth.check(metadata.get("authorization")):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        return _denying(handler) if handler is not None else None
+
+
+def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED."""
+
+    def deny(request: object, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(deny, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
 def make_grpc_server(
-    core: InferenceCore, host: str, port: int, workers: int, max_message_bytes: int, request_timeout_s: float = 0.0
+    core: InferenceCore, host: str, port: int, workers: int, max_message_bytes: int, request_timeout_s: float = 0.0,
+    auth: TokenAuth | None = None, health_open: bool = True,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip"), options=options)
+    interceptors = [TokenInterceptor(auth, health_open)] if auth is not None and auth.enabled else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip"), options=options,
+        interceptors=interceptors,
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, request_timeout_s), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
