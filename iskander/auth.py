@@ -49,3 +49,19 @@ def load_tokens(tokens: tuple[str, ...], token_file: Path | None) -> TokenAuth:
         found |= {line.strip().encode() for line in lines if line.strip() and not line.startswith("#")}
     found |= {t.strip().encode() for t in os.environ.get(ENV_VAR, "").split(",") if t.strip()}
     return TokenAuth(found)
+
+
+class TlsFiles:
+    """PEM bytes for the server certificate, its key and (for mutual TLS) the client CA bundle."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
+        self.cert = _read(cert, "tls_cert")
+        self.key = _read(key, "tls_key")
+        self.client_ca = _read(client_ca, "tls_client_ca") if client_ca else None
+
+
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: cannot read: {exc.strerror or exc}") from None

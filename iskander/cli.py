@@ -22,10 +22,14 @@ from .settings import default_config_path, load_config
               help="Arrow Flight port (0 = any free port). [default: 50051]")
 @click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
               help="OIP v2 / Triton gRPC port (0 = any free port). [default: 8001]")
+@click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="PEM certificate chain: serve both frontends over TLS (with --tls-key).")
+@click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="PEM private key for --tls-cert.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def main(config_path: Path | None, host: str | None, flight_port: int | None, grpc_port: int | None,
-         log_level: str) -> None:
+         tls_cert: Path | None, tls_key: Path | None, log_level: str) -> None:
     """Serve ONNX models over Arrow Flight and KServe OIP v2 gRPC from one process."""
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
@@ -36,8 +40,11 @@ def main(config_path: Path | None, host: str | None, flight_port: int | None, gr
         settings = load_config(config_path or default_config_path())
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    overrides = {k: v for k, v in (("host", host), ("flight_port", flight_port), ("grpc_port", grpc_port))
-                 if v is not None}
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    overrides = {k: v for k, v in (("host", host), ("flight_port", flight_port), ("grpc_port", grpc_port),
+                                   ("tls_cert", tls_cert and tls_cert.resolve()),
+                                   ("tls_key", tls_key and tls_key.resolve())) if v is not None}
     settings = attrs.evolve(settings, server=attrs.evolve(settings.server, **overrides))
 
     from .server import IskanderServer  # heavy imports only once the config is known good

@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 
-from .auth import load_tokens
+from .auth import TlsFiles, load_tokens
 from .core import InferenceCore
 from .frontends.flight import make_flight_server
 from .frontends.oip import make_grpc_server, set_health
@@ -28,16 +28,20 @@ class IskanderServer:
         self.registry.load_all()
         s = self.settings.server
         auth = load_tokens(s.auth_tokens, s.auth_token_file)
+        tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert and s.tls_key else None
+        if tls is not None:
+            log.info("TLS on for both frontends%s", " with client certificates (mTLS)" if tls.client_ca else "")
         if auth.enabled:
             log.info("bearer-token authentication on for both frontends%s",
                      " (grpc.health.v1 open)" if s.auth_health_open else "")
         self.grpc_server, self.grpc_port, self.health = make_grpc_server(
             self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes, s.request_timeout_s,
-            auth=auth, health_open=s.auth_health_open,
+            auth=auth, health_open=s.auth_health_open, tls=tls,
         )
         self.flight_server = make_flight_server(
-            self.core, s.host, s.flight_port, s.max_message_bytes, s.request_timeout_s, auth=auth
+            self.core, s.host, s.flight_port, s.max_message_bytes, s.request_timeout_s, auth=auth, tls=tls
         )
+        self.flight_scheme = "grpc+tls" if tls is not None else "grpc"
         self.flight_port = self.flight_server.port
         self.grpc_server.start()
         self._flight_thread = threading.Thread(target=self.flight_server.serve, name="flight", daemon=True)
@@ -87,7 +91,7 @@ class IskanderServer:
         failed = [f"{e.name}:{e.version}" for e in models if e.contract is None]
         log.info("models ready: %s%s", ", ".join(ok) or "(none)", f"; failed: {', '.join(failed)}" if failed else "")
         # Tests and scripts wait for this exact line; it carries the bound ports (port 0 = any free port).
-        print(f"iskander ready flight=grpc://{host}:{flight_port} grpc={host}:{grpc_port}", flush=True)
+        print(f"iskander ready flight={self.flight_scheme}://{host}:{flight_port} grpc={host}:{grpc_port}", flush=True)
         try:
             self.wait()
         finally:

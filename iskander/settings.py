@@ -92,6 +92,9 @@ class ServerSettings:
     auth_tokens: tuple[str, ...] = ()  # bearer tokens; with ISKANDER_AUTH_TOKENS and auth_token_file: auth is on
     auth_token_file: Path | None = None
     auth_health_open: bool = True  # grpc.health.v1 answers without a token (Kubernetes probes)
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, both frontends speak TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: when set, clients must present a certificate it signed (mTLS)
 
 
 @attrs.frozen
@@ -111,7 +114,7 @@ _MODEL_KEYS = {
 _BATCHING_KEYS = {"max_batch_rows", "max_queue_delay_us", "preferred_batch_rows"}
 _SERVER_KEYS = {
     "host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds", "request_timeout_s",
-    "auth_tokens", "auth_token_file", "auth_health_open",
+    "auth_tokens", "auth_token_file", "auth_health_open", "tls_cert", "tls_key", "tls_client_ca",
 }
 
 
@@ -282,7 +285,16 @@ def _parse_server(table: Any, source: Path | str, base: Path | None = None) -> S
     if not all(isinstance(t, str) and t.strip() for t in tokens):
         raise where.error("server.auth_tokens", "must be a list of non-empty strings")
     token_file = _typed(where, table, "auth_token_file", str, None)
+    tls = {}
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        value = _typed(where, table, key, str, None)
+        tls[key] = ((base or Path(".")) / value).resolve() if value else None
+    if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
+        raise where.error("server.tls_cert", "tls_cert and tls_key go together")
+    if tls["tls_client_ca"] and not tls["tls_cert"]:
+        raise where.error("server.tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
     return ServerSettings(
+        **tls,
         host=_typed(where, table, "host", str, d.host),
         auth_tokens=tuple(t.strip() for t in tokens),
         auth_token_file=((base or Path(".")) / token_file).resolve() if token_file else None,

@@ -105,6 +105,10 @@ def test_defaults_and_server_table(tmp_path):
      "key 'auth_tokens': expected a list, got str 'secret'"),
     ('[server]\nauth_tokens = [""]\n[[models]]\nname = "m"\npath = "m.onnx"\n',
      "key 'server.auth_tokens': must be a list of non-empty strings"),
+    ('[server]\ntls_cert = "c.pem"\n[[models]]\nname = "m"\npath = "m.onnx"\n',
+     "key 'server.tls_cert': tls_cert and tls_key go together"),
+    ('[server]\ntls_client_ca = "ca.pem"\n[[models]]\nname = "m"\npath = "m.onnx"\n',
+     "key 'server.tls_client_ca': mutual TLS needs tls_cert and tls_key too"),
     ('', "key 'models': at least one [[models]] table is required"),
     ('[[models]\n', "invalid TOML"),
 ])

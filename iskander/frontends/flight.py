@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..auth import TokenAuth
+from ..auth import TlsFiles, TokenAuth
 from ..core import InferenceCore
 from ..errors import InvalidInput, ResourceExhausted
 from ..model_info import describe, repository_index, statistics
@@ -226,11 +226,21 @@ class TokenMiddlewareFactory(flight.ServerMiddlewareFactory):
 
 def make_flight_server(
     core: InferenceCore, host: str, port: int, max_batch_bytes: int, request_timeout_s: float = 0.0,
-    auth: TokenAuth | None = None,
+    auth: TokenAuth | None = None, tls: TlsFiles | None = None,
 ) -> FlightFrontend:
     middleware = {"auth": TokenMiddlewareFactory(auth)} if auth is not None and auth.enabled else None
+    options: dict[str, Any] = {}
+    if tls is not None:
+        options = {
+            "tls_certificates": [flight.CertKeyPair(cert=tls.cert, key=tls.key)],
+            "verify_client": tls.client_ca is not None,
+            "root_certificates": tls.client_ca,
+        }
+    scheme = "grpc+tls" if tls is not None else "grpc"
     try:
-        return FlightFrontend(core, f"grpc://{host}:{port}", max_batch_bytes, request_timeout_s, middleware=middleware)
+        return FlightFrontend(
+            core, f"{scheme}://{host}:{port}", max_batch_bytes, request_timeout_s, middleware=middleware, **options
+        )
     except pa.ArrowException as exc:  # pyarrow says only "Server did not start properly"
         raise OSError(
             f"cannot bind the Arrow Flight port {host}:{port} (in use, or not an address of this machine)"

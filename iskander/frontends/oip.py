@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .._proto import grpc_service_pb2 as pb
 from .._proto import grpc_service_pb2_grpc as pb_grpc
-from ..auth import TokenAuth
+from ..auth import TlsFiles, TokenAuth
 from ..core import SERVER_NAME, InferenceCore, server_version
 from ..errors import InvalidInput, IskanderError
 from ..model_info import ready_versions, repository_index, statistics
@@ -416,7 +416,7 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 def make_grpc_server(
     core: InferenceCore, host: str, port: int, workers: int, max_message_bytes: int, request_timeout_s: float = 0.0,
-    auth: TokenAuth | None = None, health_open: bool = True,
+    auth: TokenAuth | None = None, health_open: bool = True, tls: TlsFiles | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -432,7 +432,13 @@ def make_grpc_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key, tls.cert)], root_certificates=tls.client_ca, require_client_auth=tls.client_ca is not None
+            )
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
     except RuntimeError:  # grpcio >= 1.60 raises instead of returning 0
         bound = 0
     if bound == 0:
