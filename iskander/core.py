@@ -6,6 +6,7 @@ map ``IskanderError`` codes to their status codes.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ import pyarrow as pa
 
 from .arrow_types import element_type, numpy_dtype
 from .contract import OutputBinding, Prepared
-from .errors import DeadlineExceeded, InvalidInput
+from .errors import DeadlineExceeded, InvalidInput, ResourceExhausted
 from .registry import ModelRegistry, ModelVersion
 from .stats import Execution
 
@@ -39,9 +40,30 @@ class InferResult:
 
 
 class InferenceCore:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, default_max_inflight: int = 0) -> None:
         self.registry = registry
         self.live = True
+        self.default_max_inflight = default_max_inflight
+        self._inflight: dict[str, int] = {}  # model version key -> requests admitted and not finished
+        self._inflight_lock = threading.Lock()
+
+    def _admit(self, entry: ModelVersion) -> None:
+        """Bounded queue per model: beyond max_inflight a request is refused at once, not piled up."""
+        limit = entry.settings.max_inflight or self.default_max_inflight
+        key = entry.settings.key
+        with self._inflight_lock:
+            current = self._inflight.get(key, 0)
+            if limit and current >= limit:
+                raise ResourceExhausted(
+                    f"model '{entry.name}' already has {current} requests running or queued "
+                    f"(max_inflight = {limit}); retry later",
+                    model=entry.name, limit="max_inflight", expected=limit, got=current,
+                )
+            self._inflight[key] = current + 1
+
+    def _release(self, entry: ModelVersion) -> None:
+        with self._inflight_lock:
+            self._inflight[entry.settings.key] -= 1
 
     def model(self, name: str, version: str | None = None) -> ModelVersion:
         """A ready model version (raises NOT_FOUND / UNAVAILABLE errors otherwise)."""
@@ -70,6 +92,23 @@ class InferenceCore:
         entered = time.perf_counter_ns()
         received = received_ns or entered
         entry = self.registry.get_ready(model, version)
+        contract, stats = entry.contract, entry.stats
+        assert contract is not None and stats is not None
+        try:
+            self._admit(entry)
+        except ResourceExhausted:
+            stats.record_failure(time.perf_counter_ns() - received)
+            raise
+        try:
+            return self._infer_admitted(entry, batch, outputs, received, entered, deadline)
+        finally:
+            self._release(entry)
+
+    def _infer_admitted(
+        self, entry: ModelVersion, batch: pa.RecordBatch, outputs: Sequence[str] | None, received: int,
+        entered: int, deadline: float | None,
+    ) -> InferResult:
+        model = entry.name
         contract, stats = entry.contract, entry.stats
         assert contract is not None and stats is not None
         try:
@@ -107,6 +146,22 @@ class InferenceCore:
         received = received_ns or entered
         contract, stats = entry.contract, entry.stats
         assert contract is not None and contract.plain and stats is not None
+        try:
+            self._admit(entry)
+        except ResourceExhausted:
+            stats.record_failure(time.perf_counter_ns() - received)
+            raise
+        try:
+            return self._infer_tensors_admitted(entry, columns, rows, outputs, received, entered, deadline)
+        finally:
+            self._release(entry)
+
+    def _infer_tensors_admitted(
+        self, entry: ModelVersion, columns: dict[str, np.ndarray], rows: int, outputs: Sequence[str] | None,
+        received: int, entered: int, deadline: float | None,
+    ) -> tuple[tuple[OutputBinding, ...], dict[str, np.ndarray]]:
+        contract, stats = entry.contract, entry.stats
+        assert contract is not None and stats is not None
         try:
             self._check_rows(entry, rows)
             selected = contract.select_outputs(outputs)

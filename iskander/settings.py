@@ -67,6 +67,7 @@ class ModelSettings:
     instances: int = 1
     max_batch_size: int = 0  # rows per request; 0 = no limit (advertised to Triton clients as 2^31-1)
     dynamic_batching: DynamicBatching | None = None  # off unless configured
+    max_inflight: int | None = None  # requests running or queued at once; None = the server's default
 
     @property
     def manifest_path(self) -> Path:
@@ -95,6 +96,7 @@ class ServerSettings:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, both frontends speak TLS
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA bundle: when set, clients must present a certificate it signed (mTLS)
+    max_inflight: int = 0  # default per-model bound on requests running or queued at once; 0 = unbounded
 
 
 @attrs.frozen
@@ -109,12 +111,12 @@ class Settings:
 _MODEL_KEYS = {
     "name", "backend", "path", "version", "manifest", "execution_providers", "intra_threads",
     "inter_threads", "optimization_level", "parallel_execution", "memory_pattern", "instances",
-    "max_batch_size", "dynamic_batching",
+    "max_batch_size", "dynamic_batching", "max_inflight",
 }
 _BATCHING_KEYS = {"max_batch_rows", "max_queue_delay_us", "preferred_batch_rows"}
 _SERVER_KEYS = {
     "host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds", "request_timeout_s",
-    "auth_tokens", "auth_token_file", "auth_health_open", "tls_cert", "tls_key", "tls_client_ca",
+    "auth_tokens", "auth_token_file", "auth_health_open", "tls_cert", "tls_key", "tls_client_ca", "max_inflight",
 }
 
 
@@ -227,6 +229,7 @@ def _parse_model(table: Any, index: int, base: Path, source: Path | str) -> Mode
         instances=instances,
         max_batch_size=_nonneg(where, "max_batch_size", _typed(where, table, "max_batch_size", int, 0)),
         dynamic_batching=_parse_batching(where, table.get("dynamic_batching")),
+        max_inflight=_nonneg(where, "max_inflight", _typed(where, table, "max_inflight", int, 0)) or None,
     )
 
 
@@ -293,8 +296,12 @@ def _parse_server(table: Any, source: Path | str, base: Path | None = None) -> S
         raise where.error("server.tls_cert", "tls_cert and tls_key go together")
     if tls["tls_client_ca"] and not tls["tls_cert"]:
         raise where.error("server.tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
+    inflight = _typed(where, table, "max_inflight", int, d.max_inflight)
+    if inflight < 0:
+        raise where.error("server.max_inflight", f"must be >= 0, got {inflight}")
     return ServerSettings(
         **tls,
+        max_inflight=inflight,
         host=_typed(where, table, "host", str, d.host),
         auth_tokens=tuple(t.strip() for t in tokens),
         auth_token_file=((base or Path(".")) / token_file).resolve() if token_file else None,

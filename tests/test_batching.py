@@ -207,3 +207,37 @@ def test_expired_requests_are_not_run(models_dir, tmp_path):
     fails = int(after["inference_stats"]["fail"]["count"]) - int(before["inference_stats"].get("fail", {}).get("count", 0))
     assert fails == 2
     assert int(after.get("execution_count", 0)) == int(before.get("execution_count", 0))  # nothing ran
+
+
+def test_bounded_queue_refuses_at_once_beyond_max_inflight(models_dir, tmp_path):
+    """max_inflight bounds requests running or queued per model: the next one is refused with
+    RESOURCE_EXHAUSTED at once (not piled up), and the admitted ones still finish."""
+    import time
+
+    config = (f'[[models]]\nname = "bounded"\npath = "{models_dir}/tabular.onnx"\nmax_inflight = 2\n'
+              'dynamic_batching = { max_batch_rows = 1000, max_queue_delay_us = 800000 }\n')
+    with serving(tmp_path, config) as server:
+        batch, _ = tabular_batch(1)
+        results: dict[int, object] = {}
+
+        def send(i: int) -> None:
+            try:
+                results[i] = exchange(server.flight_uri, "bounded", [batch])[0].num_rows
+            except flight.FlightError as exc:
+                results[i] = exc
+
+        held = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+        for t in held:
+            t.start()
+        time.sleep(0.3)  # both admitted and waiting in the 0.8 s batch queue
+        started = time.monotonic()
+        send(2)
+        refused_in = time.monotonic() - started
+        for t in held:
+            t.join(timeout=10)
+    assert isinstance(results[2], flight.FlightError)
+    detail = json.loads(results[2].extra_info)
+    assert detail["code"] == "RESOURCE_EXHAUSTED" and detail["limit"] == "max_inflight"
+    assert "already has 2 requests running or queued (max_inflight = 2)" in str(results[2])
+    assert refused_in < 0.5  # refused at once, not after the queue delay
+    assert results[0] == 1 and results[1] == 1

@@ -109,6 +109,8 @@ def test_defaults_and_server_table(tmp_path):
      "key 'server.tls_cert': tls_cert and tls_key go together"),
     ('[server]\ntls_client_ca = "ca.pem"\n[[models]]\nname = "m"\npath = "m.onnx"\n',
      "key 'server.tls_client_ca': mutual TLS needs tls_cert and tls_key too"),
+    ('[server]\nmax_inflight = -1\n[[models]]\nname = "m"\npath = "m.onnx"\n',
+     "key 'server.max_inflight': must be >= 0, got -1"),
     ('', "key 'models': at least one [[models]] table is required"),
     ('[[models]\n', "invalid TOML"),
 ])
