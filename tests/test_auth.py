@@ -66,13 +66,18 @@ def test_oip_without_a_valid_token_is_unauthenticated(secured, headers):
 
 
 def test_streaming_without_a_token_is_unauthenticated(secured):
-    errors = []
+    import queue
+
+    errors: queue.Queue = queue.Queue()
     c = triton.InferenceServerClient(secured.grpc_url)
-    c.start_stream(callback=lambda result, error: errors.append(error))
+    c.start_stream(callback=lambda result, error: errors.put(error))
     c.async_stream_infer("tabular", oip_inputs())
-    c.stop_stream()
-    c.close()
-    assert errors and "UNAUTHENTICATED" in str(errors[0].status())
+    try:
+        error = errors.get(timeout=10)  # wait for the stream's answer before closing it
+    finally:
+        c.stop_stream()
+        c.close()
+    assert error is not None and "UNAUTHENTICATED" in str(error.status())
 
 
 def test_health_checks_stay_open(secured):
