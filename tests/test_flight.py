@@ -330,3 +330,20 @@ def test_sigterm_with_an_idle_open_stream_exits_after_the_grace_period(models_di
     finally:
         running.stop()
         c.close()
+
+
+def test_client_disconnect_mid_stream_frees_the_stream(server):
+    """Clients that drop the connection with a stream open leave no errors behind and no stuck
+    handlers: the server keeps answering on new streams."""
+    batch, _ = tabular_batch(2)
+    for _ in range(5):
+        c = flight.connect(server.flight_uri)
+        writer, reader = c.do_exchange(flight.FlightDescriptor.for_path("tabular"))
+        writer.begin(batch.schema)
+        writer.write_batch(batch)
+        assert reader.read_chunk().data.num_rows == 2
+        c.close()  # no done_writing: the connection just goes away
+    c = flight.connect(server.flight_uri)
+    assert exchange(c, flight.FlightDescriptor.for_path("tabular"), [batch])[0].num_rows == 2
+    c.close()
+    assert "internal error in Flight do_exchange" not in server.log()
