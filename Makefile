@@ -9,7 +9,7 @@ GRPC_PORT   ?=
 CONFIG      ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install install-dev serve test proto demo-models bench-overhead clean
+.PHONY: help install install-dev serve test proto demo-models bench-overhead soak clean
 
 help:
 	@echo "make serve   install (first run) and serve the demo models: Flight :50051, gRPC :8001"
@@ -53,6 +53,11 @@ demo-models: $(VENV)/.installed-dev
 BATCH ?= 128
 bench-overhead: $(VENV)/.installed-dev
 	$(PY) bench/overhead.py --batch $(BATCH)
+
+# Soak: mixed valid/invalid traffic on both protocols; fails if a valid request is lost
+SOAK_SECONDS ?= 60
+soak: $(VENV)/.installed-dev
+	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
