@@ -36,10 +36,11 @@ class IskanderServer:
                      " (grpc.health.v1 open)" if s.auth_health_open else "")
         self.grpc_server, self.grpc_port, self.health = make_grpc_server(
             self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes, s.request_timeout_s,
-            auth=auth, health_open=s.auth_health_open, tls=tls,
+            auth=auth, health_open=s.auth_health_open, tls=tls, max_stream_rows=s.max_stream_rows,
         )
         self.flight_server = make_flight_server(
-            self.core, s.host, s.flight_port, s.max_message_bytes, s.request_timeout_s, auth=auth, tls=tls
+            self.core, s.host, s.flight_port, s.max_message_bytes, s.request_timeout_s, auth=auth, tls=tls,
+            max_stream_rows=s.max_stream_rows,
         )
         self.flight_scheme = "grpc+tls" if tls is not None else "grpc"
         self.flight_port = self.flight_server.port

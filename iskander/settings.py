@@ -97,6 +97,7 @@ class ServerSettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA bundle: when set, clients must present a certificate it signed (mTLS)
     max_inflight: int = 0  # default per-model bound on requests running or queued at once; 0 = unbounded
+    max_stream_rows: int = 0  # rows one DoExchange / ModelStreamInfer stream may carry in total; 0 = unbounded
 
 
 @attrs.frozen
@@ -117,6 +118,7 @@ _BATCHING_KEYS = {"max_batch_rows", "max_queue_delay_us", "preferred_batch_rows"
 _SERVER_KEYS = {
     "host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds", "request_timeout_s",
     "auth_tokens", "auth_token_file", "auth_health_open", "tls_cert", "tls_key", "tls_client_ca", "max_inflight",
+    "max_stream_rows",
 }
 
 
@@ -299,9 +301,13 @@ def _parse_server(table: Any, source: Path | str, base: Path | None = None) -> S
     inflight = _typed(where, table, "max_inflight", int, d.max_inflight)
     if inflight < 0:
         raise where.error("server.max_inflight", f"must be >= 0, got {inflight}")
+    stream_rows = _typed(where, table, "max_stream_rows", int, d.max_stream_rows)
+    if stream_rows < 0:
+        raise where.error("server.max_stream_rows", f"must be >= 0, got {stream_rows}")
     return ServerSettings(
         **tls,
         max_inflight=inflight,
+        max_stream_rows=stream_rows,
         host=_typed(where, table, "host", str, d.host),
         auth_tokens=tuple(t.strip() for t in tokens),
         auth_token_file=((base or Path(".")) / token_file).resolve() if token_file else None,

@@ -125,3 +125,37 @@ def test_malformed_flight_batches_get_client_errors(server, stub, mutation, rows
     finally:
         client.close()
     assert_still_serving(stub)
+
+
+def test_garbage_bytes_on_the_flight_stream(server, stub):
+    """Raw junk where FlightData messages belong: an error for that stream, nothing else."""
+    channel = grpc.insecure_channel(server.flight_uri.removeprefix("grpc://"))
+    call = channel.stream_stream("/arrow.flight.protocol.FlightService/DoExchange",
+                                 request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    for junk in (b"\x00\x01garbage", b"\xff" * 64, b""):
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter([junk, junk]), timeout=10))
+        assert "Traceback" not in (info.value.details() or "")
+        TRIED["flight"] += 1
+    channel.close()
+    assert_still_serving(stub)
+
+
+def test_max_stream_rows_on_both_streaming_rpcs(models_dir, tmp_path):
+    from helpers import exchange, serving
+
+    config = f'[server]\nmax_stream_rows = 10\n\n[[models]]\nname = "tabular"\npath = "{models_dir}/tabular.onnx"\n'
+    with serving(tmp_path, config) as running:
+        batch, _ = tabular_batch(4)
+        assert len(exchange(running.flight_uri, "tabular", [batch, batch])) == 2  # 8 rows: fine
+        with pytest.raises(flight.FlightError) as info:
+            exchange(running.flight_uri, "tabular", [batch, batch, batch])  # 12 rows
+        detail = json.loads(info.value.extra_info)
+        assert detail["code"] == "RESOURCE_EXHAUSTED" and detail["limit"] == "max_stream_rows"
+        channel = grpc.insecure_channel(running.grpc_url)
+        stream = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer
+        with pytest.raises(grpc.RpcError) as rpc:
+            list(stream(iter([valid_request(4), valid_request(4), valid_request(4)]), timeout=10))
+        assert rpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than max_stream_rows (10)" in rpc.value.details()
+        channel.close()

@@ -90,6 +90,7 @@ class FlightFrontend(flight.FlightServerBase):
         self.core = core
         # pyarrow does not show a Flight client's own deadline to the server: only this one applies
         self.request_timeout_s = request_timeout_s
+        self.max_stream_rows = 0  # set by make_flight_server
         # pyarrow exposes no gRPC message cap for Flight servers, so the same limit as the OIP
         # frontend's max_message_bytes is applied to each received batch before it reaches a model.
         self.max_batch_bytes = max_batch_bytes
@@ -138,10 +139,18 @@ class FlightFrontend(flight.FlightServerBase):
         # Pin the version for the stream so every batch on it is answered by the same model.
         version = entry.version
         started = False
+        stream_rows = 0
         for chunk in reader:
             batch = chunk.data
             if batch is None:  # metadata-only message: nothing to score
                 continue
+            stream_rows += batch.num_rows
+            if self.max_stream_rows and stream_rows > self.max_stream_rows:
+                raise ResourceExhausted(
+                    f"stream for model '{name}' carried {stream_rows} rows, more than max_stream_rows "
+                    f"({self.max_stream_rows}); open a new stream",
+                    model=name, limit="max_stream_rows", expected=self.max_stream_rows, got=stream_rows,
+                )
             size = batch.get_total_buffer_size()
             if size > self.max_batch_bytes:
                 raise ResourceExhausted(
@@ -226,7 +235,7 @@ class TokenMiddlewareFactory(flight.ServerMiddlewareFactory):
 
 def make_flight_server(
     core: InferenceCore, host: str, port: int, max_batch_bytes: int, request_timeout_s: float = 0.0,
-    auth: TokenAuth | None = None, tls: TlsFiles | None = None,
+    auth: TokenAuth | None = None, tls: TlsFiles | None = None, max_stream_rows: int = 0,
 ) -> FlightFrontend:
     middleware = {"auth": TokenMiddlewareFactory(auth)} if auth is not None and auth.enabled else None
     options: dict[str, Any] = {}
@@ -238,9 +247,11 @@ def make_flight_server(
         }
     scheme = "grpc+tls" if tls is not None else "grpc"
     try:
-        return FlightFrontend(
+        frontend = FlightFrontend(
             core, f"{scheme}://{host}:{port}", max_batch_bytes, request_timeout_s, middleware=middleware, **options
         )
+        frontend.max_stream_rows = max_stream_rows
+        return frontend
     except pa.ArrowException as exc:  # pyarrow says only "Server did not start properly"
         raise OSError(
             f"cannot bind the Arrow Flight port {host}:{port} (in use, or not an address of this machine)"

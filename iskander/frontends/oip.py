@@ -114,9 +114,10 @@ class _ModelCodec:
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore, request_timeout_s: float = 0.0) -> None:
+    def __init__(self, core: InferenceCore, request_timeout_s: float = 0.0, max_stream_rows: int = 0) -> None:
         self.core = core
         self.request_timeout_s = request_timeout_s
+        self.max_stream_rows = max_stream_rows
         # Keyed weakly by the contract object: a reloaded model gets a fresh codec and the old one
         # goes with its contract.
         self._codecs: weakref.WeakKeyDictionary[object, _ModelCodec] = weakref.WeakKeyDictionary()
@@ -297,8 +298,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> Iterator[pb.ModelStreamInferResponse]:
         """Answers each request in order on the stream; a failed request gets ``error_message`` and
         the stream stays open for the next."""
+        stream_rows = 0
         for request in request_iterator:
             received = time.perf_counter_ns()
+            stream_rows += max((int(t.shape[0]) for t in request.inputs if len(t.shape)), default=0)
+            if self.max_stream_rows and stream_rows > self.max_stream_rows:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"stream for model '{request.model_name}' carried {stream_rows} rows, more than "
+                    f"max_stream_rows ({self.max_stream_rows}); open a new stream",
+                )
             try:
                 yield pb.ModelStreamInferResponse(infer_response=self.infer(request, received, self._deadline(context)))
             except IskanderError as exc:
@@ -416,7 +425,7 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 def make_grpc_server(
     core: InferenceCore, host: str, port: int, workers: int, max_message_bytes: int, request_timeout_s: float = 0.0,
-    auth: TokenAuth | None = None, health_open: bool = True, tls: TlsFiles | None = None,
+    auth: TokenAuth | None = None, health_open: bool = True, tls: TlsFiles | None = None, max_stream_rows: int = 0,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -428,7 +437,7 @@ def make_grpc_server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip"), options=options,
         interceptors=interceptors,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, request_timeout_s), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, request_timeout_s, max_stream_rows), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
