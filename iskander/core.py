@@ -40,10 +40,11 @@ class InferResult:
 
 
 class InferenceCore:
-    def __init__(self, registry: ModelRegistry, default_max_inflight: int = 0) -> None:
+    def __init__(self, registry: ModelRegistry, default_max_inflight: int = 0, default_max_batch_size: int = 0) -> None:
         self.registry = registry
         self.live = True
         self.default_max_inflight = default_max_inflight
+        self.default_max_batch_size = default_max_batch_size
         self._inflight: dict[str, int] = {}  # model version key -> requests admitted and not finished
         self._inflight_lock = threading.Lock()
 
@@ -183,9 +184,12 @@ class InferenceCore:
 
     # --- shared by both entry points ------------------------------------------------------------
 
-    @staticmethod
-    def _check_rows(entry: ModelVersion, rows: int) -> None:
-        limit = entry.settings.max_batch_size
+    def max_batch_size(self, entry: ModelVersion) -> int:
+        """Rows per request for this model: its own max_batch_size, else the server's default."""
+        return entry.settings.max_batch_size or self.default_max_batch_size
+
+    def _check_rows(self, entry: ModelVersion, rows: int) -> None:
+        limit = self.max_batch_size(entry)
         if limit and rows > limit:
             raise InvalidInput(
                 f"inference request batch-size must be <= {limit} for '{entry.name}', got {rows}",

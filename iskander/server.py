@@ -20,7 +20,7 @@ class IskanderServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = ModelRegistry(settings.models)
-        self.core = InferenceCore(self.registry, settings.server.max_inflight)
+        self.core = InferenceCore(self.registry, settings.server.max_inflight, settings.server.max_batch_size)
         self._stop = threading.Event()
 
     def start(self) -> tuple[int, int]:

@@ -68,6 +68,8 @@ class ModelSettings:
     max_batch_size: int = 0  # rows per request; 0 = no limit (advertised to Triton clients as 2^31-1)
     dynamic_batching: DynamicBatching | None = None  # off unless configured
     max_inflight: int | None = None  # requests running or queued at once; None = the server's default
+    max_message_bytes: int | None = None  # per-model override of the server's request size limit
+    max_stream_rows: int | None = None  # per-model override of the server's rows-per-stream limit
 
     @property
     def manifest_path(self) -> Path:
@@ -98,6 +100,7 @@ class ServerSettings:
     tls_client_ca: Path | None = None  # PEM CA bundle: when set, clients must present a certificate it signed (mTLS)
     max_inflight: int = 0  # default per-model bound on requests running or queued at once; 0 = unbounded
     max_stream_rows: int = 0  # rows one DoExchange / ModelStreamInfer stream may carry in total; 0 = unbounded
+    max_batch_size: int = 0  # default rows per request for models that do not set their own; 0 = unbounded
 
 
 @attrs.frozen
@@ -112,13 +115,13 @@ class Settings:
 _MODEL_KEYS = {
     "name", "backend", "path", "version", "manifest", "execution_providers", "intra_threads",
     "inter_threads", "optimization_level", "parallel_execution", "memory_pattern", "instances",
-    "max_batch_size", "dynamic_batching", "max_inflight",
+    "max_batch_size", "dynamic_batching", "max_inflight", "max_message_bytes", "max_stream_rows",
 }
 _BATCHING_KEYS = {"max_batch_rows", "max_queue_delay_us", "preferred_batch_rows"}
 _SERVER_KEYS = {
     "host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds", "request_timeout_s",
     "auth_tokens", "auth_token_file", "auth_health_open", "tls_cert", "tls_key", "tls_client_ca", "max_inflight",
-    "max_stream_rows",
+    "max_stream_rows", "max_batch_size",
 }
 
 
@@ -232,6 +235,8 @@ def _parse_model(table: Any, index: int, base: Path, source: Path | str) -> Mode
         max_batch_size=_nonneg(where, "max_batch_size", _typed(where, table, "max_batch_size", int, 0)),
         dynamic_batching=_parse_batching(where, table.get("dynamic_batching")),
         max_inflight=_nonneg(where, "max_inflight", _typed(where, table, "max_inflight", int, 0)) or None,
+        max_message_bytes=_nonneg(where, "max_message_bytes", _typed(where, table, "max_message_bytes", int, 0)) or None,
+        max_stream_rows=_nonneg(where, "max_stream_rows", _typed(where, table, "max_stream_rows", int, 0)) or None,
     )
 
 
@@ -304,10 +309,14 @@ def _parse_server(table: Any, source: Path | str, base: Path | None = None) -> S
     stream_rows = _typed(where, table, "max_stream_rows", int, d.max_stream_rows)
     if stream_rows < 0:
         raise where.error("server.max_stream_rows", f"must be >= 0, got {stream_rows}")
+    batch_rows = _typed(where, table, "max_batch_size", int, d.max_batch_size)
+    if batch_rows < 0:
+        raise where.error("server.max_batch_size", f"must be >= 0, got {batch_rows}")
     return ServerSettings(
         **tls,
         max_inflight=inflight,
         max_stream_rows=stream_rows,
+        max_batch_size=batch_rows,
         host=_typed(where, table, "host", str, d.host),
         auth_tokens=tuple(t.strip() for t in tokens),
         auth_token_file=((base or Path(".")) / token_file).resolve() if token_file else None,

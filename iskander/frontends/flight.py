@@ -140,23 +140,25 @@ class FlightFrontend(flight.FlightServerBase):
         version = entry.version
         started = False
         stream_rows = 0
+        max_rows = entry.settings.max_stream_rows or self.max_stream_rows  # the model's own limits first
+        max_bytes = entry.settings.max_message_bytes or self.max_batch_bytes
         for chunk in reader:
             batch = chunk.data
             if batch is None:  # metadata-only message: nothing to score
                 continue
-            stream_rows += batch.num_rows
-            if self.max_stream_rows and stream_rows > self.max_stream_rows:
-                raise ResourceExhausted(
-                    f"stream for model '{name}' carried {stream_rows} rows, more than max_stream_rows "
-                    f"({self.max_stream_rows}); open a new stream",
-                    model=name, limit="max_stream_rows", expected=self.max_stream_rows, got=stream_rows,
-                )
             size = batch.get_total_buffer_size()
-            if size > self.max_batch_bytes:
+            if size > max_bytes:
                 raise ResourceExhausted(
                     f"record batch of {size} bytes for model '{name}' exceeds max_message_bytes "
-                    f"({self.max_batch_bytes}); send smaller batches",
-                    model=name, limit="max_message_bytes", expected=self.max_batch_bytes, got=size,
+                    f"({max_bytes}); send smaller batches",
+                    model=name, limit="max_message_bytes", expected=max_bytes, got=size,
+                )
+            stream_rows += batch.num_rows
+            if max_rows and stream_rows > max_rows:
+                raise ResourceExhausted(
+                    f"stream for model '{name}' carried {stream_rows} rows, more than max_stream_rows "
+                    f"({max_rows}); open a new stream",
+                    model=name, limit="max_stream_rows", expected=max_rows, got=stream_rows,
                 )
             deadline = time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
             result = self.core.infer(name, version, batch, deadline=deadline)

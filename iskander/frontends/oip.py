@@ -26,7 +26,7 @@ from .._proto import grpc_service_pb2 as pb
 from .._proto import grpc_service_pb2_grpc as pb_grpc
 from ..auth import TlsFiles, TokenAuth
 from ..core import SERVER_NAME, InferenceCore, server_version
-from ..errors import InvalidInput, IskanderError
+from ..errors import InvalidInput, IskanderError, ResourceExhausted
 from ..model_info import ready_versions, repository_index, statistics
 from ..registry import ModelState, ModelVersion
 from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape, oip_view, passthrough_lists
@@ -247,6 +247,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         model = request.model_name
         entry = self.core.model(model, request.model_version or None)
+        limit = entry.settings.max_message_bytes
+        if limit:
+            size = sum(len(raw) for raw in request.raw_input_contents)
+            if size > limit:
+                self.core.record_failure(entry, received_ns)
+                raise ResourceExhausted(
+                    f"request of {size} bytes of tensor data for model '{model}' exceeds its max_message_bytes "
+                    f"({limit})",
+                    model=model, limit="max_message_bytes", expected=limit, got=size,
+                )
         codec = self._codec(entry)
         try:
             arrays, rows = self._decode(request, codec, model)
@@ -302,11 +312,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         for request in request_iterator:
             received = time.perf_counter_ns()
             stream_rows += max((int(t.shape[0]) for t in request.inputs if len(t.shape)), default=0)
-            if self.max_stream_rows and stream_rows > self.max_stream_rows:
+            limit = self._stream_rows_limit(request.model_name)
+            if limit and stream_rows > limit:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"stream for model '{request.model_name}' carried {stream_rows} rows, more than "
-                    f"max_stream_rows ({self.max_stream_rows}); open a new stream",
+                    f"max_stream_rows ({limit}); open a new stream",
                 )
             try:
                 yield pb.ModelStreamInferResponse(infer_response=self.infer(request, received, self._deadline(context)))
@@ -325,12 +336,19 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 ),
             )
 
+    def _stream_rows_limit(self, model: str) -> int:
+        try:
+            own = self.core.registry.find(model).settings.max_stream_rows
+        except IskanderError:
+            own = None  # unknown model: the request itself will say so
+        return own or self.max_stream_rows
+
     # --- Triton extensions: configuration, statistics, repository ------------------------------
 
     @grpc_errors
     def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
         entry = self.core.model(request.name, request.version or None)
-        return pb.ModelConfigResponse(config=model_config(entry, self.core.registry))
+        return pb.ModelConfigResponse(config=model_config(entry, self.core.registry, self.core.max_batch_size(entry)))
 
     @grpc_errors
     def ModelStatistics(

@@ -34,9 +34,10 @@ def _tensor_dims(arrow_type: pa.DataType) -> tuple[list[int], bool]:
     return (dims, False) if dims else ([1], True)
 
 
-def max_batch_size(entry: ModelVersion) -> int:
-    if entry.settings.max_batch_size:
-        return entry.settings.max_batch_size
+def max_batch_size(entry: ModelVersion, limit: int = 0) -> int:
+    """``limit`` is the rows-per-request bound in force (the model's or the server's default)."""
+    if limit:
+        return limit
     if entry.settings.dynamic_batching is not None:
         return entry.settings.dynamic_batching.max_batch_rows
     assert entry.contract is not None
@@ -44,14 +45,14 @@ def max_batch_size(entry: ModelVersion) -> int:
     return min(fixed) if fixed else UNLIMITED_BATCH
 
 
-def model_config(entry: ModelVersion, registry: ModelRegistry) -> mc.ModelConfig:
+def model_config(entry: ModelVersion, registry: ModelRegistry, limit: int = 0) -> mc.ModelConfig:
     contract = entry.contract
     assert contract is not None
     config = mc.ModelConfig(
         name=entry.name,
         platform="onnxruntime_onnx",
         backend="onnxruntime",
-        max_batch_size=max_batch_size(entry),
+        max_batch_size=max_batch_size(entry, limit),
         default_model_filename=entry.settings.path.name,
         version_policy=mc.ModelVersionPolicy(
             specific=mc.ModelVersionPolicy.Specific(versions=[int(v.version) for v in registry.versions(entry.name)])
