@@ -82,3 +82,13 @@ def faulty_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """A server where one model fails to load while another serves."""
     with serving(tmp_path_factory.mktemp("faulty"), FAULTY_CONFIG.format(root=models_dir)) as running:
         yield running
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """Report how many hostile cases the property-based suite tried (issue 6 asks for the count)."""
+    import sys
+
+    module = next((m for name, m in sys.modules.items() if name.endswith("test_hostile_inputs")), None)
+    tried = getattr(module, "TRIED", None)
+    if tried:
+        terminalreporter.write_line(f"hostile-input cases tried: {dict(tried)} (total {sum(tried.values())})")

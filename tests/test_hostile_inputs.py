@@ -159,3 +159,46 @@ def test_max_stream_rows_on_both_streaming_rpcs(models_dir, tmp_path):
         assert rpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "more than max_stream_rows (10)" in rpc.value.details()
         channel.close()
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if not n:
+            return out + bytes([byte])
+        out += bytes([byte | 0x80])
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
+def _flight_data(ipc_message: pa.Buffer, descriptor: bytes | None = None) -> bytes:
+    """A FlightData protobuf (descriptor=1, data_header=2, data_body=1000) written by hand, so the
+    test can send what pyarrow's own writer refuses to: a second schema in the middle of a stream."""
+    msg = pa.ipc.read_message(ipc_message)
+    out = _field(1, descriptor) if descriptor else b""
+    out += _field(2, msg.metadata.to_pybytes())
+    if msg.body is not None and msg.body.size:
+        out += _field(1000, msg.body.to_pybytes())
+    return out
+
+
+def test_schema_change_mid_stream_is_a_client_error(server, stub):
+    descriptor = b"\x08\x01" + _field(3, b"tabular")  # FlightDescriptor{type: PATH, path: ["tabular"]}
+    good, _ = tabular_batch(3)
+    other = pa.record_batch({"x": pa.array([1.0, 2.0])})
+    messages = [_flight_data(good.schema.serialize(), descriptor), _flight_data(good.serialize()),
+                _flight_data(other.schema.serialize()), _flight_data(other.serialize())]
+    channel = grpc.insecure_channel(server.flight_uri.removeprefix("grpc://"))
+    call = channel.stream_stream("/arrow.flight.protocol.FlightService/DoExchange",
+                                 request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as info:
+        list(call(iter(messages), timeout=10))
+    assert "the DoExchange stream for model 'tabular' could not be read" in info.value.details()
+    assert "[INVALID_ARGUMENT]" in info.value.details()
+    assert len(list(call(iter(messages[:2]), timeout=10))) == 2  # the same stream without the change works
+    TRIED["flight"] += 1
+    channel.close()
+    assert_still_serving(stub)

@@ -142,7 +142,17 @@ class FlightFrontend(flight.FlightServerBase):
         stream_rows = 0
         max_rows = entry.settings.max_stream_rows or self.max_stream_rows  # the model's own limits first
         max_bytes = entry.settings.max_message_bytes or self.max_batch_bytes
-        for chunk in reader:
+        while True:
+            try:
+                chunk = reader.read_chunk()
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as exc:  # malformed stream, e.g. a second schema mid-stream
+                raise InvalidInput(
+                    f"the DoExchange stream for model '{name}' could not be read (one stream carries one schema "
+                    f"and record batches): {str(exc).split('. Detail')[0]}",
+                    model=name,
+                ) from None
             batch = chunk.data
             if batch is None:  # metadata-only message: nothing to score
                 continue
