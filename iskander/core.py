@@ -6,9 +6,10 @@ map ``IskanderError`` codes to their status codes.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import attrs
 import numpy as np
@@ -47,6 +48,20 @@ class InferenceCore:
         self.default_max_batch_size = default_max_batch_size
         self._inflight: dict[str, int] = {}  # model version key -> requests admitted and not finished
         self._inflight_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _admitted(self, entry: ModelVersion, received: int) -> Iterator[None]:
+        """Hold one of the model's max_inflight places for the request; a refusal counts as a failure."""
+        try:
+            self._admit(entry)
+        except ResourceExhausted:
+            assert entry.stats is not None
+            entry.stats.record_failure(time.perf_counter_ns() - received)
+            raise
+        try:
+            yield
+        finally:
+            self._release(entry)
 
     def _admit(self, entry: ModelVersion) -> None:
         """Bounded queue per model: beyond max_inflight a request is refused at once, not piled up."""
@@ -95,15 +110,8 @@ class InferenceCore:
         entry = self.registry.get_ready(model, version)
         contract, stats = entry.contract, entry.stats
         assert contract is not None and stats is not None
-        try:
-            self._admit(entry)
-        except ResourceExhausted:
-            stats.record_failure(time.perf_counter_ns() - received)
-            raise
-        try:
+        with self._admitted(entry, received):
             return self._infer_admitted(entry, batch, outputs, received, entered, deadline)
-        finally:
-            self._release(entry)
 
     def _infer_admitted(
         self, entry: ModelVersion, batch: pa.RecordBatch, outputs: Sequence[str] | None, received: int,
@@ -147,15 +155,8 @@ class InferenceCore:
         received = received_ns or entered
         contract, stats = entry.contract, entry.stats
         assert contract is not None and contract.plain and stats is not None
-        try:
-            self._admit(entry)
-        except ResourceExhausted:
-            stats.record_failure(time.perf_counter_ns() - received)
-            raise
-        try:
+        with self._admitted(entry, received):
             return self._infer_tensors_admitted(entry, columns, rows, outputs, received, entered, deadline)
-        finally:
-            self._release(entry)
 
     def _infer_tensors_admitted(
         self, entry: ModelVersion, columns: dict[str, np.ndarray], rows: int, outputs: Sequence[str] | None,

@@ -303,20 +303,15 @@ def _parse_server(table: Any, source: Path | str, base: Path | None = None) -> S
         raise where.error("server.tls_cert", "tls_cert and tls_key go together")
     if tls["tls_client_ca"] and not tls["tls_cert"]:
         raise where.error("server.tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
-    inflight = _typed(where, table, "max_inflight", int, d.max_inflight)
-    if inflight < 0:
-        raise where.error("server.max_inflight", f"must be >= 0, got {inflight}")
-    stream_rows = _typed(where, table, "max_stream_rows", int, d.max_stream_rows)
-    if stream_rows < 0:
-        raise where.error("server.max_stream_rows", f"must be >= 0, got {stream_rows}")
-    batch_rows = _typed(where, table, "max_batch_size", int, d.max_batch_size)
-    if batch_rows < 0:
-        raise where.error("server.max_batch_size", f"must be >= 0, got {batch_rows}")
+    limits = {}
+    for key in ("max_inflight", "max_stream_rows", "max_batch_size"):
+        value = _typed(where, table, key, int, getattr(d, key))
+        if value < 0:
+            raise where.error(f"server.{key}", f"must be >= 0, got {value}")
+        limits[key] = value
     return ServerSettings(
         **tls,
-        max_inflight=inflight,
-        max_stream_rows=stream_rows,
-        max_batch_size=batch_rows,
+        **limits,
         host=_typed(where, table, "host", str, d.host),
         auth_tokens=tuple(t.strip() for t in tokens),
         auth_token_file=((base or Path(".")) / token_file).resolve() if token_file else None,
