@@ -18,6 +18,8 @@ help:
 	@echo "make proto   regenerate iskander/_proto from proto/*.proto"
 	@echo "make demo-models  rebuild the demo ONNX models shipped in iskander/demo"
 	@echo "make bench-overhead  closed-loop per-request overhead vs onnxruntime in process (BATCH=128)"
+	@echo "make bench   load harness vs minimal servers and MLServer (BENCH_ARGS=--quick for a smoke run)"
+	@echo "make soak    mixed valid/invalid traffic on both protocols (SOAK_SECONDS=60)"
 
 # venv needs ensurepip (python3-venv on Debian/Ubuntu); fall back to virtualenv from PyPI.
 $(PY):
