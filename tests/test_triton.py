@@ -453,15 +453,14 @@ type = "fixed_shape_tensor<float32>[4, 3]"
 def test_oip_view_of_nested_structs_lists_and_same_datatype_casts(tmp_path):
     """Nested struct passthrough travels as 'meta.origin.site' tensors; a list passthrough is
     Flight-only (sent as nulls over OIP); a cast source with the same datatype is chosen by shape."""
-    import onnx
     from onnx import TensorProto, helper
+
+    from models import _save
 
     graph = helper.make_graph([helper.make_node("Neg", ["w"], ["neg"])], "edge",
                               [helper.make_tensor_value_info("w", TensorProto.FLOAT, ["N", 4, 3])],
                               [helper.make_tensor_value_info("neg", TensorProto.FLOAT, ["N", 4, 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.save(model, str(tmp_path / "edge.onnx"))
+    _save(graph, tmp_path / "edge.onnx")
     (tmp_path / "edge.manifest.toml").write_text(EDGE_MANIFEST)
     with serving(tmp_path, f'[[models]]\nname = "edge"\npath = "{tmp_path}/edge.onnx"\n') as running:
         c = triton.InferenceServerClient(running.grpc_url)

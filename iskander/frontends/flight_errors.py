@@ -50,6 +50,15 @@ def _internal(method: str, exc: BaseException) -> flight.FlightError:
     )
 
 
+def _translated(exc: Exception, method: str) -> flight.FlightError:
+    """The one Flight error every failure of a handler leaves as."""
+    if isinstance(exc, flight.FlightError):
+        return exc
+    if isinstance(exc, IskanderError):
+        return to_flight_error(exc)
+    return _internal(method, exc)
+
+
 def flight_errors(method: F) -> F:
     """Decorate a handler so that every failure leaves as a clean Flight error."""
 
@@ -57,12 +66,8 @@ def flight_errors(method: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
-        except IskanderError as exc:
-            raise to_flight_error(exc) from None
-        except flight.FlightError:
-            raise
         except Exception as exc:
-            raise _internal(method.__name__, exc) from None
+            raise _translated(exc, method.__name__) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -74,11 +79,7 @@ def flight_errors_gen(method: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
         try:
             yield from method(*args, **kwargs)
-        except IskanderError as exc:
-            raise to_flight_error(exc) from None
-        except flight.FlightError:
-            raise
         except Exception as exc:
-            raise _internal(method.__name__, exc) from None
+            raise _translated(exc, method.__name__) from None
 
     return wrapper  # type: ignore[return-value]
