@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from .settings import default_config_path, load_config
 def main(config_path: Path | None, host: str | None, flight_port: int | None, grpc_port: int | None,
          tls_cert: Path | None, tls_key: Path | None, log_level: str) -> None:
     """Serve ONNX models over Arrow Flight and KServe OIP v2 gRPC from one process."""
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: for diagnosing a stuck server
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -74,6 +75,8 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the server dumps its threads' stacks to its log
+            time.sleep(0.5)
             proc.kill()
             proc.wait(timeout=10)
     return proc.returncode
