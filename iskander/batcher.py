@@ -101,6 +101,10 @@ class Batcher:
         results = self.backend.run(self.tensors, feeds, self.model)
         return BatchRun(dict(zip(self.tensors, results)), start - enqueued, time.perf_counter_ns() - start, rows, True)
 
+    def queued(self) -> int:
+        """Requests waiting for a batch (approximate, as any queue length read from outside)."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         """Stop the workers after the queued requests ran; later requests run unbatched."""
         self._closed = True

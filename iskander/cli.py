@@ -1,4 +1,4 @@
-"""Command line: ``python -m iskander [--config FILE] [--host H] [--flight-port P] [--grpc-port Q]``."""
+"""Command line: ``python -m iskander [--config FILE] [--host H] [--flight-port P] [--grpc-port Q] [...]``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import attrs
 import click
 
 from .errors import ConfigError
-from .settings import default_config_path, load_config
+from .logs import setup_logging
+from .settings import DEFAULT_METRICS_PORT, LOG_FORMATS, default_config_path, load_config
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,22 +29,32 @@ from .settings import default_config_path, load_config
               help="PEM certificate chain: serve both frontends over TLS (with --tls-key).")
 @click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="PEM private key for --tls-cert.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help=f"Serve Prometheus metrics at http://HOST:PORT/metrics (0 = any free port; Triton uses "
+                   f"{DEFAULT_METRICS_PORT}). [default: off]")
+@click.option("--otlp-endpoint", default=None,
+              help="Send traces and metrics over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317. "
+                   "[default: off]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+              show_default=True, help="debug logs one line per request; warning and up, one per failed request.")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default=None,
+              help="text, or json (one object per line). [default: text, or [observability] log_format]")
 def main(config_path: Path | None, host: str | None, flight_port: int | None, grpc_port: int | None,
-         tls_cert: Path | None, tls_key: Path | None, log_level: str) -> None:
+         tls_cert: Path | None, tls_key: Path | None, metrics_port: int | None, otlp_endpoint: str | None,
+         log_level: str, log_format: str | None) -> None:
     """Serve ONNX models over Arrow Flight and KServe OIP v2 gRPC from one process."""
     # `kill -USR1 <pid>` writes every thread's stack to stderr: for diagnosing a stuck server
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(log_level, log_format or "text")
     try:
         settings = load_config(config_path or default_config_path())
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    if log_format is None and settings.observability.log_format != "text":
+        setup_logging(log_level, settings.observability.log_format)
+    observability = {k: v for k, v in (("metrics_port", metrics_port), ("otlp_endpoint", otlp_endpoint))
+                     if v is not None}
+    settings = attrs.evolve(settings, observability=attrs.evolve(settings.observability, **observability))
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
     overrides = {k: v for k, v in (("host", host), ("flight_port", flight_port), ("grpc_port", grpc_port),

@@ -18,8 +18,8 @@ import pyarrow as pa
 from .arrow_types import element_type, numpy_dtype
 from .contract import OutputBinding, Prepared
 from .errors import DeadlineExceeded, InvalidInput, ResourceExhausted
+from .observer import Call, Observer, Timings
 from .registry import ModelRegistry, ModelVersion
-from .stats import Execution
 
 SERVER_NAME = "iskander"
 
@@ -41,8 +41,12 @@ class InferResult:
 
 
 class InferenceCore:
-    def __init__(self, registry: ModelRegistry, default_max_inflight: int = 0, default_max_batch_size: int = 0) -> None:
+    def __init__(
+        self, registry: ModelRegistry, default_max_inflight: int = 0, default_max_batch_size: int = 0,
+        observer: Observer | None = None,
+    ) -> None:
         self.registry = registry
+        self.observer = observer or Observer()
         self.live = True
         self.default_max_inflight = default_max_inflight
         self.default_max_batch_size = default_max_batch_size
@@ -50,13 +54,12 @@ class InferenceCore:
         self._inflight_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def _admitted(self, entry: ModelVersion, received: int) -> Iterator[None]:
+    def _admitted(self, entry: ModelVersion, call: Call) -> Iterator[None]:
         """Hold one of the model's max_inflight places for the request; a refusal counts as a failure."""
         try:
             self._admit(entry)
-        except ResourceExhausted:
-            assert entry.stats is not None
-            entry.stats.record_failure(time.perf_counter_ns() - received)
+        except ResourceExhausted as exc:
+            self.observer.failure(entry, call, exc)
             raise
         try:
             yield
@@ -81,6 +84,11 @@ class InferenceCore:
         with self._inflight_lock:
             self._inflight[entry.settings.key] -= 1
 
+    def inflight(self) -> dict[str, int]:
+        """Requests admitted and not finished, by model version key (for the metrics)."""
+        with self._inflight_lock:
+            return dict(self._inflight)
+
     def model(self, name: str, version: str | None = None) -> ModelVersion:
         """A ready model version (raises NOT_FOUND / UNAVAILABLE errors otherwise)."""
         return self.registry.get_ready(name, version)
@@ -89,10 +97,10 @@ class InferenceCore:
         """Ready when every configured model is loaded (Triton's ServerReady semantics)."""
         return self.live and self.registry.all_ready()
 
-    def record_failure(self, entry: ModelVersion, received_ns: int) -> None:
+    def record_failure(self, entry: ModelVersion, call: Call, exc: BaseException) -> None:
         """Count a request that a frontend rejected before it reached ``infer`` (e.g. bad tensors)."""
         if entry.stats is not None:
-            entry.stats.record_failure(time.perf_counter_ns() - received_ns)
+            self.observer.failure(entry, call, exc)
 
     def infer(
         self,
@@ -100,26 +108,26 @@ class InferenceCore:
         version: str | None,
         batch: pa.RecordBatch,
         outputs: Sequence[str] | None = None,
-        received_ns: int | None = None,
         deadline: float | None = None,
+        call: Call | None = None,
     ) -> InferResult:
-        """Run one batch. ``received_ns`` (perf_counter_ns when the frontend got the request) lets
-        the statistics count the frontend's decoding as compute_input, as Triton does."""
+        """Run one batch. ``call.received_ns`` (perf_counter_ns when the frontend got the request)
+        lets the statistics count the frontend's decoding as compute_input, as Triton does."""
         entered = time.perf_counter_ns()
-        received = received_ns or entered
+        call = call or Call("internal", "infer", entered)
         entry = self.registry.get_ready(model, version)
         contract, stats = entry.contract, entry.stats
         assert contract is not None and stats is not None
-        with self._admitted(entry, received):
-            return self._infer_admitted(entry, batch, outputs, received, entered, deadline)
+        with self._admitted(entry, call):
+            return self._infer_admitted(entry, batch, outputs, call, entered, deadline)
 
     def _infer_admitted(
-        self, entry: ModelVersion, batch: pa.RecordBatch, outputs: Sequence[str] | None, received: int,
+        self, entry: ModelVersion, batch: pa.RecordBatch, outputs: Sequence[str] | None, call: Call,
         entered: int, deadline: float | None,
     ) -> InferResult:
         model = entry.name
-        contract, stats = entry.contract, entry.stats
-        assert contract is not None and stats is not None
+        contract = entry.contract
+        assert contract is not None
         try:
             if not isinstance(batch, pa.RecordBatch):
                 raise InvalidInput(f"model '{model}' expects an Arrow RecordBatch", model=model)
@@ -129,15 +137,15 @@ class InferenceCore:
             prepared = contract.prepare(batch)
             if prepared.rows == 0:
                 out = contract.empty_output(prepared, selected)
-                stats.record_success(time.perf_counter_ns() - received, None, 0)
+                self.observer.success(entry, call, None, 0)
                 return InferResult(model, entry.version, out)
             results, run = self._run(entry, prepared, selected, deadline)
             out = contract.assemble(prepared, selected, results)
             done = time.perf_counter_ns()
-        except Exception:  # client mistakes and server faults alike count as failures
-            stats.record_failure(time.perf_counter_ns() - received)
+        except Exception as exc:  # client mistakes and server faults alike count as failures
+            self.observer.failure(entry, call, exc)
             raise
-        self._record(entry, received, entered, start, run, done, prepared.rows)
+        self.observer.success(entry, call, run.timings(entered, start, done), prepared.rows)
         return InferResult(model, entry.version, out)
 
     def infer_tensors(
@@ -146,24 +154,24 @@ class InferenceCore:
         columns: dict[str, np.ndarray],
         rows: int,
         outputs: Sequence[str] | None = None,
-        received_ns: int | None = None,
         deadline: float | None = None,
+        call: Call | None = None,
     ) -> tuple[tuple[OutputBinding, ...], dict[str, np.ndarray]]:
         """The same as ``infer`` for a plain contract (``contract.plain``), with numpy tensors keyed
         by column name in and out: for frontends that already hold tensors (OIP raw contents)."""
         entered = time.perf_counter_ns()
-        received = received_ns or entered
+        call = call or Call("internal", "infer", entered)
         contract, stats = entry.contract, entry.stats
         assert contract is not None and contract.plain and stats is not None
-        with self._admitted(entry, received):
-            return self._infer_tensors_admitted(entry, columns, rows, outputs, received, entered, deadline)
+        with self._admitted(entry, call):
+            return self._infer_tensors_admitted(entry, columns, rows, outputs, call, entered, deadline)
 
     def _infer_tensors_admitted(
         self, entry: ModelVersion, columns: dict[str, np.ndarray], rows: int, outputs: Sequence[str] | None,
-        received: int, entered: int, deadline: float | None,
+        call: Call, entered: int, deadline: float | None,
     ) -> tuple[tuple[OutputBinding, ...], dict[str, np.ndarray]]:
-        contract, stats = entry.contract, entry.stats
-        assert contract is not None and stats is not None
+        contract = entry.contract
+        assert contract is not None
         try:
             self._check_rows(entry, rows)
             selected = contract.select_outputs(outputs)
@@ -172,15 +180,15 @@ class InferenceCore:
             if rows == 0:
                 empty = {b.column: np.empty((0, *(b.row_shape or ())), dtype=numpy_dtype(element_type(b.type)))
                          for b in selected}
-                stats.record_success(time.perf_counter_ns() - received, None, 0)
+                self.observer.success(entry, call, None, 0)
                 return selected, empty
             results, run = self._run(entry, prepared, selected, deadline)
             out = contract.tensors_out(selected, results, rows)
             done = time.perf_counter_ns()
-        except Exception:
-            stats.record_failure(time.perf_counter_ns() - received)
+        except Exception as exc:
+            self.observer.failure(entry, call, exc)
             raise
-        self._record(entry, received, entered, start, run, done, rows)
+        self.observer.success(entry, call, run.timings(entered, start, done), rows)
         return selected, out
 
     # --- shared by both entry points ------------------------------------------------------------
@@ -220,23 +228,6 @@ class InferenceCore:
         ran_at = time.perf_counter_ns()
         return results, _Run(prepared_at, 0, ran_at - prepared_at, prepared.rows, True, ran_at)
 
-    @staticmethod
-    def _record(entry: ModelVersion, received: int, entered: int, start: int, run: _Run, done: int,
-                rows: int) -> None:
-        assert entry.stats is not None
-        entry.stats.record_success(
-            done - received,
-            Execution(
-                queue_ns=(start - entered) + run.queued_ns,
-                input_ns=(entered - received) + (run.prepared_at - start),
-                infer_ns=run.infer_ns,
-                output_ns=done - run.ran_at,
-                rows=run.batch_rows,
-                new_execution=run.new_execution,
-            ),
-            rows,
-        )
-
 
 @attrs.frozen
 class _Run:
@@ -246,3 +237,7 @@ class _Run:
     batch_rows: int
     new_execution: bool
     ran_at: int
+
+    def timings(self, entered: int, start: int, done: int) -> Timings:
+        return Timings(entered, start, self.prepared_at, self.queued_ns, self.infer_ns, self.ran_at, done,
+                       self.batch_rows, self.new_execution)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import attrs
 
-READY = re.compile(r"^iskander ready flight=(?P<flight>\S+) grpc=(?P<grpc>\S+)$")
+READY = re.compile(r"^iskander ready flight=(?P<flight>\S+) grpc=(?P<grpc>\S+)(?: metrics=(?P<metrics>\S+))?$")
 
 
 @attrs.frozen
@@ -23,6 +23,7 @@ class ServerProcess:
     grpc_url: str  # 127.0.0.1:PORT
     process: subprocess.Popen
     log_path: Path
+    metrics_url: str | None = None  # http://127.0.0.1:PORT/metrics when metrics are on
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -65,7 +66,9 @@ def spawn_server(config: Path | None, log_path: Path, *extra: str, timeout: floa
             raise RuntimeError(f"server exited before ready (code {proc.returncode}):\n{log_path.read_text()}")
         m = READY.match(line)
         if m:
-            return ServerProcess(m.group("flight"), m.group("grpc"), proc, log_path)
+            metrics = m.group("metrics")
+            return ServerProcess(m.group("flight"), m.group("grpc"), proc, log_path,
+                                 f"http://{metrics}/metrics" if metrics else None)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:

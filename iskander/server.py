@@ -7,9 +7,10 @@ import signal
 import threading
 
 from .auth import TlsFiles, load_tokens
-from .core import InferenceCore
+from .core import InferenceCore, server_version
 from .frontends.flight import make_flight_server
 from .frontends.oip import make_grpc_server, set_health
+from .observer import Observer
 from .registry import ModelRegistry
 from .settings import Settings
 
@@ -20,7 +21,22 @@ class IskanderServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = ModelRegistry(settings.models)
-        self.core = InferenceCore(self.registry, settings.server.max_inflight, settings.server.max_batch_size)
+        obs = settings.observability
+        self.observer = Observer()
+        self.core = InferenceCore(
+            self.registry, settings.server.max_inflight, settings.server.max_batch_size, self.observer
+        )
+        if obs.metrics_port is not None or obs.otlp_endpoint:
+            # imported only when asked for: no OpenTelemetry SDK objects otherwise
+            from opentelemetry.sdk.resources import Resource
+
+            from .metrics import Metrics
+            from .tracing import Tracing
+
+            resource = Resource.create({"service.name": obs.service_name, "service.version": server_version()})
+            self.observer.metrics = Metrics(self.core, obs, resource)
+            tracing = Tracing(obs, resource)
+            self.observer.tracing = tracing if tracing.enabled else None
         self._stop = threading.Event()
 
     def start(self) -> tuple[int, int]:
@@ -47,6 +63,8 @@ class IskanderServer:
         self.grpc_server.start()
         self._flight_thread = threading.Thread(target=self.flight_server.serve, name="flight", daemon=True)
         self._flight_thread.start()
+        if self.observer.metrics is not None:
+            self.observer.metrics.start(s.host)
         set_health(self.health, self.core, serving=True)
         # load/unload from either frontend updates per-model health
         self.registry.on_change(lambda: set_health(self.health, self.core, serving=self.core.live))
@@ -73,6 +91,10 @@ class IskanderServer:
         flight_down.join(timeout=grace)
         grpc_done = done.wait(grace + 1)  # usually set already: gRPC's own grace ran meanwhile
         clean = grpc_done and not flight_down.is_alive()
+        if self.observer.metrics is not None:
+            self.observer.metrics.stop()
+        if self.observer.tracing is not None:
+            self.observer.tracing.shutdown()
         if clean:
             self._flight_thread.join(timeout=1)
             log.info("stopped")
@@ -87,14 +109,29 @@ class IskanderServer:
         host = self.settings.server.host
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        models = self.registry.all()
-        ok = [f"{e.name}:{e.version}" for e in models if e.contract is not None]
-        failed = [f"{e.name}:{e.version}" for e in models if e.contract is None]
-        log.info("models ready: %s%s", ", ".join(ok) or "(none)", f"; failed: {', '.join(failed)}" if failed else "")
+        self._log_start(flight_port, grpc_port)
+        metrics = self.observer.metrics
+        extra = f" metrics={metrics.settings.metrics_host or host}:{metrics.port}" if metrics and metrics.port else ""
         # Tests and scripts wait for this exact line; it carries the bound ports (port 0 = any free port).
-        print(f"iskander ready flight={self.flight_scheme}://{host}:{flight_port} grpc={host}:{grpc_port}", flush=True)
+        print(f"iskander ready flight={self.flight_scheme}://{host}:{flight_port} grpc={host}:{grpc_port}{extra}",
+              flush=True)
         try:
             self.wait()
         finally:
             clean = self.stop()
         return clean
+
+    def _log_start(self, flight_port: int, grpc_port: int) -> None:
+        """The ports and what is switched on (each model's contract is logged as it loads)."""
+        models = self.registry.all()
+        ok = [f"{e.name}:{e.version}" for e in models if e.contract is not None]
+        failed = [f"{e.name}:{e.version}" for e in models if e.contract is None]
+        log.info("models ready: %s%s", ", ".join(ok) or "(none)", f"; failed: {', '.join(failed)}" if failed else "")
+        host = self.settings.server.host
+        obs = self.observer
+        log.info(
+            "serving Arrow Flight on %s://%s:%d and OIP v2 gRPC on %s:%d; metrics %s; tracing %s",
+            self.flight_scheme, host, flight_port, host, grpc_port,
+            f"on :{obs.metrics.port}/metrics" if obs.metrics is not None and obs.metrics.port else "off",
+            f"to {self.settings.observability.otlp_endpoint}" if obs.tracing is not None else "off",
+        )

@@ -19,6 +19,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_FLIGHT_PORT = 50051  # as the Rust project
 DEFAULT_GRPC_PORT = 8001  # Triton's gRPC port
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_METRICS_PORT = 8002  # Triton's metrics port; used only when metrics are asked for
+LOG_FORMATS = ("text", "json")
 MANIFEST_SUFFIX = ".manifest.toml"
 
 # Rust/ort names and ONNX Runtime's own names for the same four levels.
@@ -104,9 +106,24 @@ class ServerSettings:
 
 
 @attrs.frozen
+class ObservabilitySettings:
+    """``[observability]``: everything here is off unless set (docs/observability.md)."""
+
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free port); None = off
+    metrics_host: str | None = None  # address for /metrics; default: the server's host
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector, e.g. "http://127.0.0.1:4317": traces and metrics
+    otlp_insecure: bool = True  # plaintext gRPC to the collector (a local agent); false = TLS
+    otlp_metrics_interval_s: float = 60.0  # how often metrics are pushed over OTLP
+    trace_sample_ratio: float = 1.0  # share of traces started here that are sampled (clients' own flag wins)
+    service_name: str = "iskander"  # OpenTelemetry resource service.name
+    log_format: str = "text"  # "text" or "json" (one JSON object per line)
+
+
+@attrs.frozen
 class Settings:
     server: ServerSettings
     models: tuple[ModelSettings, ...]
+    observability: ObservabilitySettings = ObservabilitySettings()
     source: Path | None = None  # the config file, for messages
 
 
@@ -324,12 +341,53 @@ def _parse_server(table: Any, source: Path | str, base: Path | None = None) -> S
     )
 
 
+_OBSERVABILITY_KEYS = {
+    "metrics_port", "metrics_host", "otlp_endpoint", "otlp_insecure", "otlp_metrics_interval_s",
+    "trace_sample_ratio", "service_name", "log_format",
+}
+
+
+def _parse_observability(table: Any, source: Path | str) -> ObservabilitySettings:
+    where = _Where(source)
+    if not isinstance(table, dict):
+        raise where.error("observability", "must be a table")
+    unknown = sorted(set(table) - _OBSERVABILITY_KEYS)
+    if unknown:
+        raise where.error(f"observability.{unknown[0]}",
+                          f"unknown key (known keys: {', '.join(sorted(_OBSERVABILITY_KEYS))})")
+    d = ObservabilitySettings()
+    port = _typed(where, table, "metrics_port", int, d.metrics_port)
+    if port is not None and not 0 <= port <= 65535:
+        raise where.error("observability.metrics_port", f"must be a port number 0..65535, got {port}")
+    endpoint = _typed(where, table, "otlp_endpoint", str, d.otlp_endpoint) or None
+    interval = _typed(where, table, "otlp_metrics_interval_s", (int, float), d.otlp_metrics_interval_s)
+    if interval <= 0:
+        raise where.error("observability.otlp_metrics_interval_s", f"must be > 0, got {interval}")
+    ratio = _typed(where, table, "trace_sample_ratio", (int, float), d.trace_sample_ratio)
+    if not 0 <= ratio <= 1:
+        raise where.error("observability.trace_sample_ratio", f"must be in 0..1, got {ratio}")
+    log_format = _typed(where, table, "log_format", str, d.log_format)
+    if log_format not in LOG_FORMATS:
+        raise where.error("observability.log_format", f"must be one of {', '.join(LOG_FORMATS)}, got '{log_format}'")
+    return ObservabilitySettings(
+        metrics_port=port,
+        metrics_host=_typed(where, table, "metrics_host", str, d.metrics_host),
+        otlp_endpoint=endpoint,
+        otlp_insecure=_typed(where, table, "otlp_insecure", bool, d.otlp_insecure),
+        otlp_metrics_interval_s=float(interval),
+        trace_sample_ratio=float(ratio),
+        service_name=_typed(where, table, "service_name", str, d.service_name),
+        log_format=log_format,
+    )
+
+
 def parse_config(data: dict[str, Any], source: Path | str, base: Path) -> Settings:
     where = _Where(source)
-    unknown = sorted(set(data) - {"server", "models"})
+    unknown = sorted(set(data) - {"server", "models", "observability"})
     if unknown:
-        raise where.error(unknown[0], "unknown top-level key (expected [server] and [[models]])")
+        raise where.error(unknown[0], "unknown top-level key (expected [server], [observability] and [[models]])")
     server = _parse_server(data.get("server", {}), source, base)
+    observability = _parse_observability(data.get("observability", {}), source)
     raw_models = data.get("models", [])
     if not isinstance(raw_models, list) or not raw_models:
         raise where.error("models", "at least one [[models]] table is required")
@@ -339,7 +397,7 @@ def parse_config(data: dict[str, Any], source: Path | str, base: Path) -> Settin
         if m.key in seen:
             raise _Where(source, m.name).error("version", f"version {m.version} is configured twice")
         seen.add(m.key)
-    return Settings(server=server, models=models, source=Path(source))
+    return Settings(server=server, models=models, source=Path(source), observability=observability)
 
 
 def load_config(path: Path | str) -> Settings:

@@ -5,6 +5,13 @@ compute_output; per-batch-size compute stats; inference_count (rows) vs executio
 runs); last inference time. Queue and the three compute counters grow with every successful
 request that ran the model (together); execution_count and batch_stats grow once per execution,
 which under dynamic batching serves several requests. One lock per model version.
+
+These counters are the one source of truth: ModelStatistics (OIP), the Flight ``statistics``
+action and the OpenTelemetry metrics (iskander/metrics.py) all read them. Success, failure,
+inference and execution counts are kept per protocol (the metrics' ``protocol`` label) and summed
+for the Triton-shaped snapshot. When metrics are on, each request's timings are also kept in a
+small buffer that the metrics drain into their histograms at collection time, so the request path
+pays for an append, not for OpenTelemetry's per-record work.
 """
 
 from __future__ import annotations
@@ -37,6 +44,32 @@ class BatchStats:
 
 
 @attrs.define
+class ProtocolCounts:
+    """What one protocol's requests did to one model version (cumulative)."""
+
+    success: int = 0
+    failures: dict[str, int] = attrs.Factory(dict)  # by error code
+    inference_count: int = 0  # rows
+    execution_count: int = 0  # backend runs started by this protocol's requests
+
+
+@attrs.frozen
+class Sample:
+    """One successful request's timings, in ns, for the metrics' histograms."""
+
+    protocol: str
+    total_ns: int
+    queue_ns: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+    execution_rows: int  # rows of the backend run it started; 0 if it joined another's run or ran none
+
+
+MAX_PENDING_SAMPLES = 100_000  # beyond this, unscraped samples are dropped (and counted)
+
+
+@attrs.define
 class Execution:
     """Timings of one backend execution, in ns (perf_counter_ns)."""
 
@@ -63,13 +96,28 @@ class ModelStats:
         self.execution_count = 0
         self.last_inference_ms = 0
         self.batches: dict[int, BatchStats] = {}
+        self.protocols: dict[str, ProtocolCounts] = {}
+        self.keep_samples = False  # set by the metrics when they are on
+        self._samples: list[Sample] = []
+        self.samples_dropped = 0
 
-    def record_success(self, total_ns: int, execution: Execution | None, rows: int) -> None:
+    def _protocol(self, protocol: str) -> ProtocolCounts:
+        counts = self.protocols.get(protocol)
+        if counts is None:
+            counts = self.protocols[protocol] = ProtocolCounts()
+        return counts
+
+    def record_success(self, total_ns: int, execution: Execution | None, rows: int, protocol: str = "internal") -> None:
         now_ms = time.time_ns() // 1_000_000
         with self._lock:
+            counts = self._protocol(protocol)
+            counts.success += 1
+            counts.inference_count += rows
             self.success.add(total_ns)
             self.inference_count += rows
             self.last_inference_ms = now_ms
+            if self.keep_samples:
+                self._keep(protocol, total_ns, execution)
             if execution is not None:
                 # per request, as Triton: each request of a batch is charged the batch's compute time
                 self.queue.add(execution.queue_ns)
@@ -79,6 +127,7 @@ class ModelStats:
                 if not execution.new_execution:
                     return
                 self.execution_count += 1
+                counts.execution_count += 1
                 batch = self.batches.get(execution.rows)
                 if batch is None:
                     batch = self.batches[execution.rows] = BatchStats()
@@ -86,11 +135,39 @@ class ModelStats:
                 batch.compute_infer.add(execution.infer_ns)
                 batch.compute_output.add(execution.output_ns)
 
-    def record_failure(self, total_ns: int) -> None:
+    def _keep(self, protocol: str, total_ns: int, execution: Execution | None) -> None:
+        if len(self._samples) >= MAX_PENDING_SAMPLES:
+            self.samples_dropped += 1
+            return
+        if execution is None:  # a zero-row request: nothing ran
+            self._samples.append(Sample(protocol, total_ns, 0, 0, 0, 0, 0))
+        else:
+            self._samples.append(Sample(
+                protocol, total_ns, execution.queue_ns, execution.input_ns, execution.infer_ns, execution.output_ns,
+                execution.rows if execution.new_execution else 0,
+            ))
+
+    def record_failure(self, total_ns: int, protocol: str = "internal", code: str = "INTERNAL") -> None:
         now_ms = time.time_ns() // 1_000_000
         with self._lock:
+            failures = self._protocol(protocol).failures
+            failures[code] = failures.get(code, 0) + 1
             self.fail.add(total_ns)
             self.last_inference_ms = now_ms
+
+    def take_samples(self) -> list[Sample]:
+        """Hand the buffered samples to the metrics (and forget them)."""
+        with self._lock:
+            samples, self._samples = self._samples, []
+        return samples
+
+    def protocol_counts(self) -> dict[str, ProtocolCounts]:
+        """A consistent copy of the per-protocol counters."""
+        with self._lock:
+            return {
+                p: ProtocolCounts(c.success, dict(c.failures), c.inference_count, c.execution_count)
+                for p, c in self.protocols.items()
+            }
 
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy, JSON-able; the shape mirrors Triton's ModelStatistics."""
@@ -118,4 +195,10 @@ class ModelStats:
                     }
                     for size, b in sorted(self.batches.items())
                 ],
+                # Iskander's addition (Flight action only): the per-protocol counters behind the metrics
+                "protocols": {
+                    p: {"success": c.success, "failures": dict(c.failures), "inference_count": c.inference_count,
+                        "execution_count": c.execution_count}
+                    for p, c in sorted(self.protocols.items())
+                },
             }

@@ -142,6 +142,8 @@ class FlightFrontend(flight.FlightServerBase):
         stream_rows = 0
         max_rows = entry.settings.max_stream_rows or self.max_stream_rows  # the model's own limits first
         max_bytes = entry.settings.max_message_bytes or self.max_batch_bytes
+        observer = self.core.observer
+        carrier = (lambda: _trace_carrier(context)) if observer.tracing is not None else None
         while True:
             try:
                 chunk = reader.read_chunk()
@@ -156,29 +158,41 @@ class FlightFrontend(flight.FlightServerBase):
             batch = chunk.data
             if batch is None:  # metadata-only message: nothing to score
                 continue
-            size = batch.get_total_buffer_size()
-            if size > max_bytes:
-                raise ResourceExhausted(
-                    f"record batch of {size} bytes for model '{name}' exceeds max_message_bytes "
-                    f"({max_bytes}); send smaller batches",
-                    model=name, limit="max_message_bytes", expected=max_bytes, got=size,
-                )
-            stream_rows += batch.num_rows
-            if max_rows and stream_rows > max_rows:
-                raise ResourceExhausted(
-                    f"stream for model '{name}' carried {stream_rows} rows, more than max_stream_rows "
-                    f"({max_rows}); open a new stream",
-                    model=name, limit="max_stream_rows", expected=max_rows, got=stream_rows,
-                )
-            deadline = time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
-            result = self.core.infer(name, version, batch, deadline=deadline)
-            if not started:
-                writer.begin(result.batch.schema)
-                started = True
-            writer.write_batch(result.batch)
+            # each batch is one request: counted, traced and logged on its own
+            with observer.call("flight", "DoExchange", time.perf_counter_ns(), name, carrier) as call:
+                try:
+                    stream_rows += batch.num_rows
+                    self._check_limits(entry, batch, stream_rows, max_rows, max_bytes)
+                except Exception as exc:
+                    self.core.record_failure(entry, call, exc)
+                    raise
+                deadline = time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
+                result = self.core.infer(name, version, batch, deadline=deadline, call=call)
+                if not started:
+                    writer.begin(result.batch.schema)
+                    started = True
+                writer.write_batch(result.batch)
         if not started:
             assert entry.contract is not None
             writer.begin(entry.contract.output_schema)
+
+    @staticmethod
+    def _check_limits(entry: ModelVersion, batch: pa.RecordBatch, stream_rows: int, max_rows: int,
+                      max_bytes: int) -> None:
+        name = entry.name
+        size = batch.get_total_buffer_size()
+        if size > max_bytes:
+            raise ResourceExhausted(
+                f"record batch of {size} bytes for model '{name}' exceeds max_message_bytes "
+                f"({max_bytes}); send smaller batches",
+                model=name, limit="max_message_bytes", expected=max_bytes, got=size,
+            )
+        if max_rows and stream_rows > max_rows:
+            raise ResourceExhausted(
+                f"stream for model '{name}' carried {stream_rows} rows, more than max_stream_rows "
+                f"({max_rows}); open a new stream",
+                model=name, limit="max_stream_rows", expected=max_rows, got=stream_rows,
+            )
 
     # --- actions ----------------------------------------------------------------------------------
 
@@ -245,11 +259,39 @@ class TokenMiddlewareFactory(flight.ServerMiddlewareFactory):
         return None
 
 
+class TraceHeaders(flight.ServerMiddleware):
+    """Keeps a call's W3C trace-context headers for the handler (installed only when tracing is on)."""
+
+    def __init__(self, carrier: dict[str, str]) -> None:
+        super().__init__()
+        self.carrier = carrier
+
+
+class TraceHeadersFactory(flight.ServerMiddlewareFactory):
+    def start_call(self, info: flight.CallInfo, headers: dict[str, list[Any]]) -> TraceHeaders:
+        carrier = {}
+        for key in ("traceparent", "tracestate"):
+            values = headers.get(key)
+            if values:
+                value = values[0]
+                carrier[key] = value.decode() if isinstance(value, bytes) else value
+        return TraceHeaders(carrier)
+
+
+def _trace_carrier(context: flight.ServerCallContext) -> dict[str, str] | None:
+    middleware = context.get_middleware("trace")
+    return middleware.carrier if middleware is not None else None
+
+
 def make_flight_server(
     core: InferenceCore, host: str, port: int, max_batch_bytes: int, request_timeout_s: float = 0.0,
     auth: TokenAuth | None = None, tls: TlsFiles | None = None, max_stream_rows: int = 0,
 ) -> FlightFrontend:
-    middleware = {"auth": TokenMiddlewareFactory(auth)} if auth is not None and auth.enabled else None
+    middleware: dict[str, flight.ServerMiddlewareFactory] = {}
+    if auth is not None and auth.enabled:
+        middleware["auth"] = TokenMiddlewareFactory(auth)
+    if core.observer.tracing is not None:
+        middleware["trace"] = TraceHeadersFactory()
     options: dict[str, Any] = {}
     if tls is not None:
         options = {
@@ -260,7 +302,8 @@ def make_flight_server(
     scheme = "grpc+tls" if tls is not None else "grpc"
     try:
         frontend = FlightFrontend(
-            core, f"{scheme}://{host}:{port}", max_batch_bytes, request_timeout_s, middleware=middleware, **options
+            core, f"{scheme}://{host}:{port}", max_batch_bytes, request_timeout_s, middleware=middleware or None,
+            **options
         )
         frontend.max_stream_rows = max_stream_rows
         return frontend

@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pyarrow.flight as flight
 
 from ..errors import ErrorCode, IskanderError
+from ..observer import new_request_id, observed_request_id
 
 log = logging.getLogger("iskander.flight")
 
@@ -40,9 +40,15 @@ def to_flight_error(exc: IskanderError) -> flight.FlightError:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Flight RPC names for the handlers, as operators see them in logs and the rpc failure metric
+_RPC_NAMES = {
+    "do_exchange": "DoExchange", "do_action": "DoAction", "get_schema": "GetSchema",
+    "get_flight_info": "GetFlightInfo", "list_flights": "ListFlights",
+}
+
 
 def _internal(method: str, exc: BaseException) -> flight.FlightError:
-    request_id = uuid.uuid4().hex[:16]
+    request_id = observed_request_id(exc) or new_request_id()
     log.exception("internal error in Flight %s (request id %s)", method, request_id, exc_info=exc)
     body = {"code": ErrorCode.INTERNAL.value, "message": "internal server error", "request_id": request_id}
     return flight.FlightInternalError(
@@ -50,24 +56,29 @@ def _internal(method: str, exc: BaseException) -> flight.FlightError:
     )
 
 
-def _translated(exc: Exception, method: str) -> flight.FlightError:
-    """The one Flight error every failure of a handler leaves as."""
+def _translated(exc: Exception, method: str, frontend: Any) -> flight.FlightError:
+    """The one Flight error every failure of a handler leaves as; failures the core did not already
+    account for a model are reported once to the observer (log line and metric)."""
     if isinstance(exc, flight.FlightError):
         return exc
+    rpc = _RPC_NAMES.get(method, method)
     if isinstance(exc, IskanderError):
+        frontend.core.observer.unattributed_failure("flight", rpc, exc)
         return to_flight_error(exc)
-    return _internal(method, exc)
+    error = _internal(rpc, exc)
+    frontend.core.observer.unattributed_failure("flight", rpc, exc, observed_request_id(exc))
+    return error
 
 
 def flight_errors(method: F) -> F:
     """Decorate a handler so that every failure leaves as a clean Flight error."""
 
     @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return method(*args, **kwargs)
+            return method(self, *args, **kwargs)
         except Exception as exc:
-            raise _translated(exc, method.__name__) from None
+            raise _translated(exc, method.__name__, self) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -76,10 +87,10 @@ def flight_errors_gen(method: F) -> F:
     """Same as flight_errors, for handlers that return a generator (errors raise while iterating)."""
 
     @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
         try:
-            yield from method(*args, **kwargs)
+            yield from method(self, *args, **kwargs)
         except Exception as exc:
-            raise _translated(exc, method.__name__) from None
+            raise _translated(exc, method.__name__, self) from None
 
     return wrapper  # type: ignore[return-value]

@@ -7,14 +7,12 @@ UNIMPLEMENTED (the generated base class does that).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
 import threading
 import time
-import uuid
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -28,6 +26,7 @@ from ..auth import TlsFiles, TokenAuth
 from ..core import SERVER_NAME, InferenceCore, server_version
 from ..errors import InvalidInput, IskanderError, ResourceExhausted
 from ..model_info import ready_versions, repository_index, statistics
+from ..observer import Call
 from ..registry import ModelState, ModelVersion
 from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape, oip_view, passthrough_lists
 from .oip_errors import grpc_errors, log
@@ -242,33 +241,29 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             candidates.append(now + self.request_timeout_s)
         return min(candidates) if candidates else None
 
-    def infer(
-        self, request: pb.ModelInferRequest, received_ns: int, deadline: float | None = None
-    ) -> pb.ModelInferResponse:
+    def infer(self, request: pb.ModelInferRequest, call: Call, deadline: float | None = None) -> pb.ModelInferResponse:
         model = request.model_name
         entry = self.core.model(model, request.model_version or None)
-        limit = entry.settings.max_message_bytes
-        if limit:
-            size = sum(len(raw) for raw in request.raw_input_contents)
-            if size > limit:
-                self.core.record_failure(entry, received_ns)
-                raise ResourceExhausted(
-                    f"request of {size} bytes of tensor data for model '{model}' exceeds its max_message_bytes "
-                    f"({limit})",
-                    model=model, limit="max_message_bytes", expected=limit, got=size,
-                )
         codec = self._codec(entry)
         try:
+            limit = entry.settings.max_message_bytes
+            if limit:
+                size = sum(len(raw) for raw in request.raw_input_contents)
+                if size > limit:
+                    raise ResourceExhausted(
+                        f"request of {size} bytes of tensor data for model '{model}' exceeds its max_message_bytes "
+                        f"({limit})",
+                        model=model, limit="max_message_bytes", expected=limit, got=size,
+                    )
             arrays, rows = self._decode(request, codec, model)
-        except Exception:
-            self.core.record_failure(entry, received_ns)
+        except Exception as exc:
+            self.core.record_failure(entry, call, exc)
             raise
         requested: Sequence[str] = list(dict.fromkeys(o.name for o in request.outputs))
         if codec.plain:
-            return self._infer_plain(entry, codec, request, arrays, rows, requested, received_ns, deadline)
+            return self._infer_plain(entry, codec, request, arrays, rows, requested, call, deadline)
         batch = codec.batch(arrays, rows)
-        result = self.core.infer(model, entry.version, batch, outputs=requested or None, received_ns=received_ns,
-                                 deadline=deadline)
+        result = self.core.infer(model, entry.version, batch, outputs=requested or None, deadline=deadline, call=call)
         out = result.batch
         response = pb.ModelInferResponse(model_name=model, model_version=result.version, id=request.id)
         columns = dict(zip(out.schema.names, out.columns)) if codec.flat_outputs else _flat_columns(out, codec.skip)
@@ -286,9 +281,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _infer_plain(
         self, entry: ModelVersion, codec: _ModelCodec, request: pb.ModelInferRequest, arrays: dict[str, Any],
-        rows: int, requested: Sequence[str], received_ns: int, deadline: float | None,
+        rows: int, requested: Sequence[str], call: Call, deadline: float | None,
     ) -> pb.ModelInferResponse:
-        selected, tensors = self.core.infer_tensors(entry, arrays, rows, requested or None, received_ns, deadline)
+        selected, tensors = self.core.infer_tensors(entry, arrays, rows, requested or None, deadline, call)
         response = pb.ModelInferResponse(model_name=entry.name, model_version=entry.version, id=request.id)
         raw_outputs = []
         for binding in selected:
@@ -301,7 +296,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        return self.infer(request, time.perf_counter_ns(), self._deadline(context))
+        received = time.perf_counter_ns()
+        with self.core.observer.call("grpc", "ModelInfer", received, request.model_name, _carrier(context)) as call:
+            return self.infer(request, call, self._deadline(context))
 
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
@@ -319,15 +316,19 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"stream for model '{request.model_name}' carried {stream_rows} rows, more than "
                     f"max_stream_rows ({limit}); open a new stream",
                 )
+            observer = self.core.observer
             try:
-                yield pb.ModelStreamInferResponse(infer_response=self.infer(request, received, self._deadline(context)))
+                with observer.call("grpc", "ModelStreamInfer", received, request.model_name, _carrier(context)) as call:
+                    response = self.infer(request, call, self._deadline(context))
             except IskanderError as exc:
+                observer.unattributed_failure("grpc", "ModelStreamInfer", exc, call.request_id)
                 message = exc.message
-            except Exception:  # noqa: BLE001 - one bad request must not end the stream
-                request_id = uuid.uuid4().hex[:16]
-                log.exception("internal error in ModelStreamInfer (request id %s)", request_id)
-                message = f"internal server error (request id {request_id})"
+            except Exception as exc:  # noqa: BLE001 - one bad request must not end the stream
+                log.exception("internal error in ModelStreamInfer (request id %s)", call.request_id)
+                observer.unattributed_failure("grpc", "ModelStreamInfer", exc, call.request_id)
+                message = f"internal server error (request id {call.request_id})"
             else:
+                yield pb.ModelStreamInferResponse(infer_response=response)
                 continue
             yield pb.ModelStreamInferResponse(
                 error_message=message,
@@ -386,6 +387,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         self.core.registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _carrier(context: grpc.ServicerContext) -> Callable[[], dict[str, str]]:
+    """gRPC metadata as a W3C trace-context carrier (read only when tracing is on)."""
+    return lambda: {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
 
 
 def _unimplemented(method: str, feature: str):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from ..errors import ErrorCode, IskanderError
+from ..observer import new_request_id, observed_request_id
 
 log = logging.getLogger("iskander.oip")
 
@@ -29,19 +29,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def grpc_errors(method: F) -> F:
     """Decorate a unary servicer method: Iskander errors abort with their status; anything else is
-    logged with a request id and answered INTERNAL without internals."""
+    logged with a request id and answered INTERNAL without internals. Failures the core did not
+    already account for a model are reported once to the observer (log line and metric)."""
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except IskanderError as exc:
+            self.core.observer.unattributed_failure("grpc", method.__name__, exc)
             context.abort(GRPC_STATUS[exc.code], exc.message)
         except Exception as exc:  # noqa: BLE001 - the last line of defence for one request
             if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
                 raise
-            request_id = uuid.uuid4().hex[:16]
+            request_id = observed_request_id(exc) or new_request_id()
             log.exception("internal error in %s (request id %s)", method.__name__, request_id)
+            self.core.observer.unattributed_failure("grpc", method.__name__, exc, request_id)
             context.abort(grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})")
 
     return wrapper  # type: ignore[return-value]
