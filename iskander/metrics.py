@@ -4,9 +4,10 @@ Counters and gauges are observable instruments whose callbacks read ``ModelStats
 counters as ModelStatistics and the Flight ``statistics`` action), so they cannot disagree and cost
 the request path nothing. Histograms cannot be observed, and OpenTelemetry's ``Histogram.record``
 costs ~15 us per call on these machines (five per request); so requests leave their timings in
-``ModelStats``' sample buffer and the first callback of each collection drains it into the
-histograms. The SDK runs every observable callback before it reads the synchronous instruments, so
-a scrape always includes every request finished before it began. docs/observability.md lists
+``ModelStats``' sample buffer, which a background thread drains into the histograms every
+``DRAIN_INTERVAL_S`` (small bursts, off the request's critical path) and the first callback of each
+collection drains once more. The SDK runs every observable callback before it reads the
+synchronous instruments, so a scrape always includes every request finished before it began. docs/observability.md lists
 each metric with its nearest Triton ``nv_inference_*`` equivalent.
 """
 
@@ -31,6 +32,7 @@ log = logging.getLogger("iskander.metrics")
 # Seconds: 25 us .. ~27 s, doubling (Triton's request latencies span the same range).
 DURATION_BUCKETS = tuple(0.000025 * 2**k for k in range(21))
 BATCH_BUCKETS = tuple(float(2**k) for k in range(17))  # 1 .. 65536 rows
+DRAIN_INTERVAL_S = 0.2
 
 
 class Metrics:
@@ -61,6 +63,8 @@ class Metrics:
             ))
         self.enabled = bool(self._readers)
         self._drain_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._drainer: threading.Thread | None = None
         if not self.enabled:
             return
         self.provider = MeterProvider(metric_readers=self._readers, resource=resource)
@@ -121,6 +125,10 @@ class Metrics:
     # --- lifecycle --------------------------------------------------------------------------------
 
     def start(self, host: str) -> None:
+        if not self.enabled:
+            return
+        self._drainer = threading.Thread(target=self._drain_loop, name="metrics-drain", daemon=True)
+        self._drainer.start()
         if self.settings.metrics_port is None:
             return
         from prometheus_client import start_http_server
@@ -130,7 +138,17 @@ class Metrics:
         self.port = self._http.server_port
         log.info("Prometheus metrics on http://%s:%d/metrics", bind, self.port)
 
+    def _drain_loop(self) -> None:
+        while not self._stopping.wait(DRAIN_INTERVAL_S):
+            try:
+                self._drain()
+            except Exception:  # noqa: BLE001 - metrics must never take the server down
+                log.exception("draining metric samples failed")
+
     def stop(self) -> None:
+        self._stopping.set()
+        if self._drainer is not None:
+            self._drainer.join(timeout=2)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

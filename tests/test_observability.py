@@ -343,3 +343,19 @@ def test_metrics_flag_overrides_the_config(models_dir, tmp_path):
     finally:
         server.stop()
 
+
+
+def test_grafana_dashboard_queries_only_metrics_the_server_exports(metrics_server):
+    """docs/grafana/iskander-dashboard.json must not drift from the metric names."""
+    import re
+
+    dashboard = json.loads((Path(__file__).parent.parent / "docs/grafana/iskander-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b((?:iskander|process)_[a-z_]+)", e)}
+    batch, _ = tabular_batch(2)
+    exchange(metrics_server.flight_uri, "tabular", [batch])
+    for model, sent in (("no_such_model", batch), ("tabular", batch.drop_columns(["category"]))):
+        with pytest.raises(flight.FlightServerError):  # so that both failure counters exist
+            exchange(metrics_server.flight_uri, model, [sent])
+    exported = {name for name, _ in scrape(metrics_server)}
+    assert used and used <= exported, used - exported
