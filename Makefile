@@ -6,6 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 
 FLIGHT_PORT ?=
 GRPC_PORT   ?=
+METRICS_PORT ?=
 CONFIG      ?=
 PYTEST_ARGS ?=
 
@@ -13,7 +14,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make serve   install (first run) and serve the demo models: Flight :50051, gRPC :8001"
-	@echo "             (CONFIG=file.toml, FLIGHT_PORT=, GRPC_PORT= override)"
+	@echo "             (CONFIG=file.toml, FLIGHT_PORT=, GRPC_PORT= override; METRICS_PORT=8002 adds /metrics)"
 	@echo "make test    install with dev extras (first run) and run the test suite"
 	@echo "make proto   regenerate iskander/_proto from proto/*.proto"
 	@echo "make demo-models  rebuild the demo ONNX models shipped in iskander/demo"
@@ -40,7 +41,7 @@ install-dev: $(VENV)/.installed-dev
 
 serve: $(VENV)/.installed
 	$(PY) -m iskander $(if $(CONFIG),--config $(CONFIG),) $(if $(FLIGHT_PORT),--flight-port $(FLIGHT_PORT),) \
-		$(if $(GRPC_PORT),--grpc-port $(GRPC_PORT),)
+		$(if $(GRPC_PORT),--grpc-port $(GRPC_PORT),) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT),)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -173,6 +173,38 @@ def test_scrape_counts_exactly_what_both_protocols_did(metrics_server):
     client.close()
 
 
+def test_stream_requests_are_counted_one_by_one(metrics_server):
+    """ModelStreamInfer: each message is a request; a bad one and an unknown model are counted too."""
+    import queue
+
+    server = metrics_server
+    before = scrape(server)
+    results: queue.Queue = queue.Queue()
+    client = triton.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer("plain", plain_oip_inputs(4))
+        client.async_stream_infer("plain", plain_oip_inputs(6))
+        client.async_stream_infer("tabular", tabular_oip_inputs(2, category_dtype="FP32"))
+        client.async_stream_infer("no_such_model", plain_oip_inputs(1))
+        got = [results.get(timeout=20) for _ in range(4)]
+    finally:
+        client.stop_stream()
+        client.close()
+    assert [error is None for _, error in got] == [True, True, False, False]
+    after = scrape(server)
+
+    def grew(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    plain = {"model": "plain", "version": "1", "protocol": "grpc"}
+    assert grew("iskander_inference_request_success_total", **plain) == 2
+    assert grew("iskander_inference_count_total", **plain) == 10
+    assert grew("iskander_inference_request_failure_total", model="tabular", version="1", protocol="grpc",
+                code="INVALID_ARGUMENT") == 1
+    assert grew("iskander_rpc_failure_total", protocol="grpc", method="ModelStreamInfer", code="NOT_FOUND") == 1
+
+
 def test_dynamic_batching_metrics_agree_with_statistics(metrics_server):
     """Under dynamic batching executions are fewer than requests; metrics and statistics agree."""
     server = metrics_server
