@@ -1,6 +1,7 @@
 """Closed-loop overhead probe: one client, sequential requests, same model and batch on every path.
 
-    python bench/overhead.py [--batch 128] [--requests 2000] [--out bench/results/DATE/overhead.json]
+    python bench/overhead.py [--batch 128] [--requests 2000] [--variants off,metrics --rounds 3]
+                             [--out bench/results/DATE/overhead_b128.json]
 
 Paths: onnxruntime in process (the floor), Iskander Flight with one kept-open DoExchange stream,
 Iskander Flight with a new stream per request, Iskander OIP v2 via tritonclient. Reports median,
@@ -65,12 +66,68 @@ def summary(us: np.ndarray) -> dict[str, float]:
     }
 
 
+def server_paths(batch: pa.RecordBatch, user: np.ndarray, item: np.ndarray, args: argparse.Namespace,
+                 server_args: list[str], prefix: str, results: dict[str, dict[str, float]]) -> None:
+    """The three client paths against one server process started with ``server_args``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # the demo config, same ORT settings
+        server = spawn_server(None, Path(tmp) / "server.log", *server_args)
+        try:
+            fc = flight.connect(server.flight_uri)
+            desc = flight.FlightDescriptor.for_path(MODEL)
+
+            writer, reader = fc.do_exchange(desc)
+            writer.begin(batch.schema)
+
+            def kept_open() -> None:
+                writer.write_batch(batch)
+                reader.read_chunk()
+
+            results[f"{prefix}flight_kept_open_stream"] = summary(measure(kept_open, args.requests, args.warmup))
+            writer.done_writing()
+            writer.close()
+
+            def new_stream() -> None:
+                w, r = fc.do_exchange(desc)
+                w.begin(batch.schema)
+                w.write_batch(batch)
+                r.read_chunk()
+                w.done_writing()
+                w.close()
+
+            results[f"{prefix}flight_new_stream"] = summary(measure(new_stream, args.requests, args.warmup))
+            fc.close()
+
+            tc = triton.InferenceServerClient(server.grpc_url)
+            ids = np.array([s.encode() for s in batch.column("user_id").to_pylist()], dtype=np.object_).reshape(-1, 1)
+            items = np.array([s.encode() for s in batch.column("item_id").to_pylist()], dtype=np.object_).reshape(-1, 1)
+            inputs = []
+            for name, data, dtype in (("user_id", ids, "BYTES"), ("item_id", items, "BYTES"),
+                                      ("user_features", user, "FP32"), ("item_features", item, "FP32")):
+                t = triton.InferInput(name, list(data.shape), dtype)
+                t.set_data_from_numpy(data)
+                inputs.append(t)
+            results[f"{prefix}oip_tritonclient"] = summary(
+                measure(lambda: tc.infer(MODEL, inputs), args.requests, args.warmup)
+            )
+            tc.close()
+        finally:
+            server.stop()
+
+
+
+# Server observability variants: the overhead of metrics (--variants off,metrics) is measured, not assumed.
+VARIANTS = {"off": [], "metrics": ["--metrics-port", "0"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--variants", default="off", help=f"server variants, comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the variants this many times, interleaved")
     args = parser.parse_args()
 
     batch, user, item = make_batch(args.batch)
@@ -86,49 +143,12 @@ def main() -> None:
         measure(lambda: session.run(["score", "user_embedding"], feeds), args.requests, args.warmup)
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        server = spawn_server(None, Path(tmp) / "server.log")  # the demo config, same ORT settings
-        try:
-            fc = flight.connect(server.flight_uri)
-            desc = flight.FlightDescriptor.for_path(MODEL)
-
-            writer, reader = fc.do_exchange(desc)
-            writer.begin(batch.schema)
-
-            def kept_open() -> None:
-                writer.write_batch(batch)
-                reader.read_chunk()
-
-            results["flight_kept_open_stream"] = summary(measure(kept_open, args.requests, args.warmup))
-            writer.done_writing()
-            writer.close()
-
-            def new_stream() -> None:
-                w, r = fc.do_exchange(desc)
-                w.begin(batch.schema)
-                w.write_batch(batch)
-                r.read_chunk()
-                w.done_writing()
-                w.close()
-
-            results["flight_new_stream"] = summary(measure(new_stream, args.requests, args.warmup))
-            fc.close()
-
-            tc = triton.InferenceServerClient(server.grpc_url)
-            ids = np.array([s.encode() for s in batch.column("user_id").to_pylist()], dtype=np.object_).reshape(-1, 1)
-            items = np.array([s.encode() for s in batch.column("item_id").to_pylist()], dtype=np.object_).reshape(-1, 1)
-            inputs = []
-            for name, data, dtype in (("user_id", ids, "BYTES"), ("item_id", items, "BYTES"),
-                                      ("user_features", user, "FP32"), ("item_features", item, "FP32")):
-                t = triton.InferInput(name, list(data.shape), dtype)
-                t.set_data_from_numpy(data)
-                inputs.append(t)
-            results["oip_tritonclient"] = summary(
-                measure(lambda: tc.infer(MODEL, inputs), args.requests, args.warmup)
-            )
-            tc.close()
-        finally:
-            server.stop()
+    for rnd in range(args.rounds):  # interleaved: each variant sees the same machine noise
+        for variant in args.variants.split(","):
+            prefix = "" if variant == "off" else f"{variant}/"
+            if args.rounds > 1:
+                prefix = f"r{rnd}/{prefix}"
+            server_paths(batch, user, item, args, VARIANTS[variant], prefix, results)
 
     floor = results["onnxruntime_in_process"]["p50_us"]
     for r in results.values():
