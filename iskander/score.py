@@ -32,7 +32,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .client import Exchange, IskanderClient, IskanderClientError, ModelInfo, attach_outputs
+from .client import Exchange, IskanderClient, IskanderClientError, ModelInfo, ResourceExhausted, attach_outputs
 
 # format name -> (pyarrow.dataset format, file extensions it is recognised by; the first is written)
 FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -204,7 +204,7 @@ class _Plan:
     fragments: list[ds.Fragment]
     names: list[str]  # each fragment's path as reported in messages (relative to the input folder)
     relative: list[Path]  # each fragment's output path relative to the output root
-    projection: dict[str, ds.Expression]  # read columns: name in the output -> input column
+    sources: dict[str, str]  # read columns: name after --rename -> column in the input
     keep: list[str]  # names of the read columns that are written
     request: list[str]  # names of the read columns the model takes
     outputs: list[str]  # model output columns added
@@ -273,7 +273,7 @@ def _plan(options: ScoreOptions, info: ModelInfo) -> _Plan:
                          "use --prefix, --rename or --columns")
 
     read = [n for n in renamed if n in keep or n in request]
-    projection = {n: ds.field(source_of.get(n, n)) for n in read}
+    sources = {n: source_of.get(n, n) for n in read}
     by_name = {options.rename.get(f.name, f.name): f for f in dataset.schema}
     out_fields = [by_name[n].with_name(n) for n in keep]
     out_fields += [info.output_schema.field(o).with_name(n) for o, n in zip(outputs, output_names)]
@@ -291,7 +291,7 @@ def _plan(options: ScoreOptions, info: ModelInfo) -> _Plan:
     names_in = [Path(f.path).name if single else Path(f.path).relative_to(src) for f in fragments]
     extension = FORMATS[out_fmt][1][0]
     relative = [Path(".") if single else _with_extension(Path(n), extension) for n in names_in]
-    return _Plan(dataset, fragments, [str(n) for n in names_in], relative, projection, keep, request, list(outputs),
+    return _Plan(dataset, fragments, [str(n) for n in names_in], relative, sources, keep, request, list(outputs),
                  output_names, out_schema, out_fmt, single)
 
 
@@ -416,7 +416,16 @@ class _Streams:
             try:
                 if exchange is None:  # the version is pinned so that every stream runs the same model
                     exchange = Exchange(self.client, self.info, self.info.version)
-                job.answer.set_result(exchange.send(job.data))
+                try:
+                    answer = exchange.send(job.data)
+                except ResourceExhausted as exc:
+                    if exc.details.get("limit") != "max_stream_rows":
+                        raise
+                    # the server caps rows per stream and refused this batch unscored: new stream
+                    exchange.close()
+                    exchange = Exchange(self.client, self.info, self.info.version)
+                    answer = exchange.send(job.data)
+                job.answer.set_result(answer)
             except BaseException as exc:
                 job.answer.set_exception(exc)
                 if exchange is not None:
@@ -500,15 +509,15 @@ def _run(plan: _Plan, options: ScoreOptions, streams: _Streams, output: _AtomicO
 
 def _read(plan: _Plan, options: ScoreOptions) -> Iterator[_Job]:
     """Every file's batches in order; each file starts with a zero-row job so empty files are written too."""
-    scan_options = ds.ParquetFragmentScanOptions(pre_buffer=False) \
-        if isinstance(plan.dataset.format, ds.ParquetFileFormat) else None
+    parquet = isinstance(plan.dataset.format, ds.ParquetFileFormat)
+    projection = {name: ds.field(source) for name, source in plan.sources.items()}
     for index, fragment in enumerate(plan.fragments):
         yield _Job(index, -1, 0, None)
         batch_index, first = 0, 0
         try:
-            scanned = fragment.to_batches(
-                schema=plan.dataset.schema, columns=plan.projection, batch_size=options.batch_rows,
-                batch_readahead=1, fragment_readahead=1, fragment_scan_options=scan_options, use_threads=True)
+            scanned = _parquet_batches(plan, fragment, options.batch_rows) if parquet else fragment.to_batches(
+                schema=plan.dataset.schema, columns=projection, batch_size=options.batch_rows,
+                batch_readahead=1, fragment_readahead=1)
             for batch in scanned:
                 if batch.num_rows == 0:
                     continue
@@ -519,6 +528,31 @@ def _read(plan: _Plan, options: ScoreOptions) -> Iterator[_Job]:
             name = plan.names[index]
             raise ScoreError(f"{name}: cannot read batch {batch_index} (from row {first} of the file): "
                              f"{str(exc).strip()}", file=name, batch=batch_index, cause=exc) from None
+
+
+def _parquet_batches(plan: _Plan, fragment: ds.Fragment, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A Parquet file in batches of ``batch_rows``, decoded page by page.
+
+    The dataset scanner decodes a whole row group before slicing it, so a file written as one
+    large row group would be held in memory entirely; ParquetFile.iter_batches without pre-buffering
+    reads only what each batch needs. Partition values and columns missing from this file (schema
+    evolution) are filled in as the dataset scanner would."""
+    file = pq.ParquetFile(fragment.path, pre_buffer=False, buffer_size=1 << 20)
+    present = set(file.schema_arrow.names)
+    keys = ds.get_partition_keys(fragment.partition_expression)
+    wanted = sorted({s for s in plan.sources.values() if s in present})
+    for batch in file.iter_batches(batch_size=batch_rows, columns=wanted):
+        arrays = []
+        for source in plan.sources.values():
+            want = plan.dataset.schema.field(source).type
+            if source in present:
+                column = batch.column(source)
+                arrays.append(column if column.type == want else column.cast(want))
+            elif source in keys:
+                arrays.append(pa.repeat(pa.scalar(keys[source], want), batch.num_rows))
+            else:
+                arrays.append(pa.nulls(batch.num_rows, want))
+        yield pa.RecordBatch.from_arrays(arrays, names=list(plan.sources))
 
 
 class _WriteState:

@@ -79,10 +79,10 @@ def main(server: str, model: str, model_version: str | None, input_path: Path, o
                             private_key=tls_key) as client:
             result = score(options, client, ProgressBar() if show else None)
     except (ScoreError, IskanderClientError) as exc:
-        click.echo(f"error: {exc}\nnothing was written to {output_path}", err=True)
+        click.echo(f"error: {exc}\nno output written; {output_path} is as it was", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo(f"interrupted; nothing was written to {output_path}", err=True)
+        click.echo(f"interrupted; no output written; {output_path} is as it was", err=True)
         sys.exit(130)
     click.echo(f"scored {result.rows:,} rows ({result.files} file{'s' * (result.files != 1)}, {result.batches} "
                f"batches) with {result.model} v{result.version} in {result.seconds:.2f} s "

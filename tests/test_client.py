@@ -3,6 +3,9 @@ the streaming form, typed errors carrying the server's message, statistics, toke
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -10,6 +13,7 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
+import pyarrow.parquet as pq
 import pytest
 
 from data import tabular_batch, two_tower_batch
@@ -184,3 +188,15 @@ def test_token_and_mutual_tls(models_dir, pki, tmp_path):  # noqa: F811
         with IskanderClient(target, token="s3cret", timeout=10, tls_root_certs=pki["ca"]) as c, \
                 pytest.raises(Unavailable):  # no client certificate: the TLS handshake fails
             c.models()
+        # the score command takes the same settings (the token from the environment)
+        src, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
+        pq.write_table(pa.Table.from_batches([tabular_batch(100)[0]]), src)
+        args = [sys.executable, "-m", "iskander", "score", "--server", target, "--model", "tabular",
+                "--input", str(src), "--output", str(out), "--tls-root-cert", str(pki["ca"]),
+                "--tls-cert", str(pki["client_cert"]), "--tls-key", str(pki["client_key"])]
+        run = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "ISKANDER_TOKEN": "s3cret"})
+        assert run.returncode == 0, run.stderr
+        assert pq.read_table(out).num_rows == 100
+        run = subprocess.run(args + ["--token", "nope", "--overwrite"], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 1 and "[UNAUTHENTICATED] missing or invalid bearer token" in run.stderr
