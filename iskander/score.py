@@ -447,10 +447,7 @@ def score(options: ScoreOptions, client: IskanderClient, progress: Progress | No
         raise ScoreError("batch_rows and concurrency must be at least 1")
     progress = progress or NoProgress()
     started = time.monotonic()
-    try:
-        info = client.model(options.model, options.version)
-    except IskanderClientError as exc:
-        raise ScoreError(f"model '{options.model}': {exc.message}", cause=exc) from None
+    info = client.model(options.model, options.version)  # IskanderClientError (NOT_FOUND, ...) as it is
     plan = _plan(options, info)
     output = _AtomicOutput(options.output, is_dir=not plan.single_file, overwrite=options.overwrite)
     streams: _Streams | None = None

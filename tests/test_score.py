@@ -208,7 +208,7 @@ def test_plan_errors_are_reported_before_any_work(scoring_server, tmp_path):
     assert result.returncode == 1
     assert "model 'tabular' needs column(s) features, which the input does not have" in result.stderr
     result = run_score(scoring_server, "--model", "nope", "--input", str(src), "--output", str(out))
-    assert result.returncode == 1 and "error: model 'nope': unknown model 'nope'" in result.stderr
+    assert result.returncode == 1 and "error: [NOT_FOUND] unknown model 'nope'; served models: movielens, tabular, two_tower" in result.stderr
     out.write_text("old")
     result = run_score(scoring_server, "--model", "tabular", "--input", str(src), "--output", str(out),
                        "--rename", "feats=features")
