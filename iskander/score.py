@@ -214,7 +214,8 @@ class _Plan:
     single_file: bool
 
 
-def _plan(options: ScoreOptions, info: ModelInfo) -> _Plan:
+def _open(options: ScoreOptions, info: ModelInfo) -> ds.FileSystemDataset:
+    """The input as a dataset: one file, or the files of a folder (hive partitions recognised)."""
     src = options.input
     if not src.exists():
         raise ScoreError(f"input {src} does not exist")
@@ -240,7 +241,15 @@ def _plan(options: ScoreOptions, info: ModelInfo) -> _Plan:
                              partitioning=None if single else "hive", partition_base_dir=None if single else str(src))
     except (pa.ArrowException, OSError) as exc:
         raise ScoreError(f"cannot open {src} as {fmt}: {exc}", cause=exc) from None
+    return dataset
 
+
+def _plan(options: ScoreOptions, info: ModelInfo) -> _Plan:
+    """Which columns are read, sent, kept and added, and where each output file goes. Every mistake
+    in the options is found here, before any batch is sent."""
+    src, single = options.input, options.input.is_file()
+    dataset = _open(options, info)
+    source_of = {new: old for old, new in options.rename.items()}
     names = dataset.schema.names
     for old in options.rename:
         if old not in names:
@@ -299,9 +308,10 @@ def _is_scalar(t: pa.DataType) -> bool:
     return not pa.types.is_nested(t) and not isinstance(t, pa.ExtensionType)
 
 
-def _partition_names(dataset: ds.FileSystemDataset) -> list[str]:
-    partitioning = getattr(dataset, "partitioning", None)
-    return list(partitioning.schema.names) if partitioning is not None else []
+def _partition_names(dataset: ds.FileSystemDataset) -> set[str]:
+    # from the fragments: with no key=value folders, dataset.partitioning.schema is the whole
+    # dataset schema (pyarrow 26), not an empty one
+    return {key for f in dataset.get_fragments() for key in ds.get_partition_keys(f.partition_expression)}
 
 
 def _format_of_output(path: Path, single: bool) -> str:

@@ -262,6 +262,8 @@ def test_memory_stays_bounded_on_a_dataset_many_times_the_batch(scoring_server, 
     one = _measure(scoring_server, small, tmp_path / "small_out", batch_rows)
     many = _measure(scoring_server, large, tmp_path / "large_out", batch_rows)
     assert (one["rows"], many["rows"]) == (50_000, 600_000)
+    assert pq.read_schema(tmp_path / "large_out" / "part-3.parquet").names == [
+        "user_id", "item_id", "user_features", "item_features", "score", "user_embedding"]  # a flat folder: all kept
     output_mb = 600_000 * row_bytes / 1e6
     print(f"\n600,000 rows, {output_mb:.0f} MB of output in Arrow, batches of {batch_rows} rows "
           f"({batch_rows * row_bytes / 1e3:.0f} kB), concurrency 2: Arrow pool peak {many['arrow_peak'] / 1e6:.1f} MB "
