@@ -268,6 +268,9 @@ def attach_outputs(inputs: pa.RecordBatch, answer: pa.RecordBatch, outputs: list
     positional: columns the model never saw come back untouched, whatever their type."""
     if answer.num_rows != inputs.num_rows:
         raise InternalError(f"the answer has {answer.num_rows} rows for a batch of {inputs.num_rows}")
+    clash = [n for n in names or outputs if n in inputs.schema.names]
+    if clash:
+        raise InvalidArgument(f"output column(s) {', '.join(clash)} would duplicate input columns; rename or drop them")
     arrays = list(inputs.columns) + [answer.column(name) for name in outputs]
     fields = list(inputs.schema) + [answer.schema.field(name).with_name(new)
                                     for name, new in zip(outputs, names or outputs)]
@@ -393,12 +396,20 @@ class IskanderClient:
         """Open one DoExchange stream for ``model`` (send batches one at a time)."""
         return Exchange(self, self.model(model, version), version)
 
-    def infer(self, model: str, data: Data, version: str | None = None) -> pa.Table:
-        """Score ``data`` on one stream; returns the answers (passthrough columns, then outputs) as
-        one table, row-aligned with ``data``. Columns the model does not take are not sent."""
+    def infer(self, model: str, data: Data, version: str | None = None, *, with_inputs: bool = False) -> pa.Table:
+        """Score ``data`` on one stream and return one table, row-aligned with ``data``: the answers
+        (passthrough columns, then outputs), or with ``with_inputs`` every column of ``data``
+        followed by the model's outputs. Columns the model does not take are never sent."""
         info = self.model(model, version)
-        batches = list(self.stream(model, data, version, info=info))
-        return pa.Table.from_batches(batches, schema=batches[0].schema if batches else info.output_schema)
+        if not with_inputs:
+            answers = list(self.stream(model, data, version, info=info))
+            return pa.Table.from_batches(answers, schema=answers[0].schema if answers else info.output_schema)
+        inputs = [b for b in as_batches(data) if b.num_rows]
+        answers = list(self.stream(model, inputs, version, info=info))
+        joined = [attach_outputs(b, a, info.outputs) for b, a in zip(inputs, answers)]
+        if not joined:
+            return pa.schema([info.output_schema.field(n) for n in info.outputs]).empty_table()
+        return pa.Table.from_batches(joined)
 
     def stream(self, model: str, data: Data, version: str | None = None, window: int = 4,
                info: ModelInfo | None = None) -> Iterator[pa.RecordBatch]:

@@ -78,6 +78,11 @@ def test_infer_polars_dataframe(client, models_dir):
     out = client.infer("tabular", frame)
     np.testing.assert_array_equal(out.column("score").to_numpy(), _tabular_reference(models_dir, feeds))
     assert pl.from_arrow(out).get_column("entity_id").to_list() == [f"q{i}" for i in range(40)]
+    # with_inputs: the frame's own columns (polars types kept) followed by the outputs
+    joined = pl.from_arrow(client.infer("tabular", frame.with_columns(pl.lit("x").alias("tag")), with_inputs=True))
+    assert joined.columns == ["entity_id", "features", "category", "tag", "score"]
+    assert joined.get_column("tag").to_list() == ["x"] * 40
+    np.testing.assert_array_equal(joined.get_column("score").to_numpy(), _tabular_reference(models_dir, feeds))
 
 
 def test_unknown_model_is_not_found_with_the_servers_message(client):
