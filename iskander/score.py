@@ -423,6 +423,7 @@ class _Streams:
         while (job := self.jobs.get()) is not None:
             if not job.answer.set_running_or_notify_cancel():
                 continue
+            assert job.data is not None  # file markers are never queued
             try:
                 if exchange is None:  # the version is pinned so that every stream runs the same model
                     exchange = Exchange(self.client, self.info, self.info.version)
@@ -463,7 +464,7 @@ def score(options: ScoreOptions, client: IskanderClient, progress: Progress | No
     streams: _Streams | None = None
     try:
         streams = _Streams(client, info, options.concurrency)
-        rows, batches = _run(plan, options, streams, output, progress, info)
+        rows, batches = _run(plan, options, streams, output, progress)
         streams.shutdown()
         streams = None
         output.commit()
@@ -493,13 +494,13 @@ def _total_rows(plan: _Plan) -> int | None:
     return sum(f.count_rows() for f in plan.fragments)
 
 
-def _run(plan: _Plan, options: ScoreOptions, streams: _Streams, output: _AtomicOutput, progress: Progress,
-         info: ModelInfo) -> tuple[int, int]:
+def _run(plan: _Plan, options: ScoreOptions, streams: _Streams, output: _AtomicOutput,
+         progress: Progress) -> tuple[int, int]:
     sizes = [os.path.getsize(f.path) for f in plan.fragments]
     progress.start(_total_rows(plan), sum(sizes))
     window = 2 * options.concurrency  # batches read but not yet written: the memory bound
     pending: deque[_Job] = deque()
-    state = _WriteState(plan, output, progress, sizes, info)
+    state = _WriteState(plan, output, progress, sizes)
     for job in _read(plan, options):
         if job.data is None:
             job.answer.set_result(None)  # a file starts: it is written even if it has no rows
@@ -565,9 +566,8 @@ def _parquet_batches(plan: _Plan, fragment: ds.Fragment, batch_rows: int) -> Ite
 class _WriteState:
     """Consumes answered jobs in order: one output file open at a time."""
 
-    def __init__(self, plan: _Plan, output: _AtomicOutput, progress: Progress, sizes: list[int],
-                 info: ModelInfo) -> None:
-        self.plan, self.output, self.progress, self.sizes, self.info = plan, output, progress, sizes, info
+    def __init__(self, plan: _Plan, output: _AtomicOutput, progress: Progress, sizes: list[int]) -> None:
+        self.plan, self.output, self.progress, self.sizes = plan, output, progress, sizes
         self.sink: _Sink | None = None
         self.file = -1
         self.rows = self.batches = 0
