@@ -14,6 +14,11 @@ import pyarrow as pa
 
 from .arrow_types import STRING_TYPES, element_type, is_fixed_shape_tensor, row_shape
 
+# pyarrow imports pandas, when it is installed, the first time pa.array() is given a numpy array
+# (~0.3 s). Pay that when the server starts, not inside its first request, where it can exceed a
+# short request_timeout_s.
+pa.array(np.zeros(0, np.float32))
+
 
 def list_values(arr: pa.FixedSizeListArray) -> pa.Array:
     """The child values of exactly these rows, without copying.
