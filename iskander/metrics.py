@@ -1,49 +1,84 @@
-"""OpenTelemetry metrics over the per-model statistics, exported to Prometheus and/or OTLP.
+"""Metrics over the per-model statistics: Prometheus (``/metrics``) and/or OTLP.
 
-Counters and gauges are observable instruments whose callbacks read ``ModelStats`` (the same
-counters as ModelStatistics and the Flight ``statistics`` action), so they cannot disagree and cost
-the request path nothing. Histograms cannot be observed, and OpenTelemetry's ``Histogram.record``
-costs ~15 us per call on these machines (five per request); so requests leave their timings in
-``ModelStats``' sample buffer, which a background thread drains into the histograms every
-``DRAIN_INTERVAL_S`` (small bursts, off the request's critical path) and the first callback of each
-collection drains once more. The SDK runs every observable callback before it reads the
-synchronous instruments, so a scrape always includes every request finished before it began. docs/observability.md lists
-each metric with its nearest Triton ``nv_inference_*`` equivalent.
+Counters and gauges are OpenTelemetry observable instruments whose callbacks read ``ModelStats``
+(the same counters as ModelStatistics and the Flight ``statistics`` action), so they cannot
+disagree and cost the request path nothing.
+
+Histograms cannot be observed, and OpenTelemetry's ``Histogram.record`` costs ~15 us per value on
+these machines (six values a request: ~75 us, 10% of a whole Flight request, and a draining thread
+doing that work in bursts tripled OIP's p99 in bench/overhead.py). So:
+- for Prometheus, ``ModelStats`` counts the histogram buckets itself (~3 us a request) and a
+  prometheus_client collector in the same registry publishes them, exact at every scrape;
+- for OTLP, requests buffer their timings and a background thread records them into
+  OpenTelemetry histograms every ``DRAIN_INTERVAL_S`` (the first callback of each collection drains
+  once more: the SDK runs observable callbacks before it reads synchronous instruments).
+Each exporter has its own MeterProvider, so the histogram names never appear twice on /metrics.
+docs/observability.md lists each metric with its nearest Triton ``nv_inference_*`` equivalent.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
+
+from .stats import BATCH_BOUNDS, DURATION_BOUNDS_NS
 
 if TYPE_CHECKING:
     from .core import InferenceCore
+    from .registry import ModelVersion
     from .settings import ObservabilitySettings
 
 log = logging.getLogger("iskander.metrics")
 
-# Seconds: 25 us .. ~27 s, doubling (Triton's request latencies span the same range).
-DURATION_BUCKETS = tuple(0.000025 * 2**k for k in range(21))
-BATCH_BUCKETS = tuple(float(2**k) for k in range(17))  # 1 .. 65536 rows
+DURATION_BUCKETS_S = tuple(b / 1e9 for b in DURATION_BOUNDS_NS)
+BATCH_BUCKETS = tuple(float(b) for b in BATCH_BOUNDS)
 DRAIN_INTERVAL_S = 0.2
+
+# name (as in ModelStats) -> (OpenTelemetry name, unit, description); Prometheus adds _seconds etc.
+HISTOGRAMS = {
+    "request": ("iskander.inference.request.duration", "s",
+                "Whole successful request, received to answered (nv_inference_request_duration_us)."),
+    "queue": ("iskander.inference.queue.duration", "s",
+              "Waiting for admission and the dynamic batcher (nv_inference_queue_duration_us)."),
+    "compute_input": ("iskander.inference.compute.input.duration", "s",
+                      "Decoding and validating inputs into tensors (nv_inference_compute_input_duration_us)."),
+    "compute_infer": ("iskander.inference.compute.infer.duration", "s",
+                      "onnxruntime run (nv_inference_compute_infer_duration_us)."),
+    "compute_output": ("iskander.inference.compute.output.duration", "s",
+                       "Building the output batch from the tensors (nv_inference_compute_output_duration_us)."),
+    "batch_size": ("iskander.inference.batch.size", "{row}",
+                   "Rows per backend execution (merged batch under dynamic batching)."),
+}
+
+
+def _labels(entry: ModelVersion, protocol: str | None = None) -> dict[str, str]:
+    labels = {"model": entry.name, "version": entry.version}
+    if protocol is not None:
+        labels["protocol"] = protocol
+    return labels
 
 
 class Metrics:
-    """The instruments, bound to one core; ``start`` serves /metrics when a port is configured."""
+    """The exporters, bound to one core; ``start`` serves /metrics when a port is configured."""
 
     def __init__(self, core: InferenceCore, settings: ObservabilitySettings, resource: Resource) -> None:
         self.core = core
         self.settings = settings
-        self._readers: list[MetricReader] = []
+        self._providers: list[MeterProvider] = []
+        self._rpc_failures: list[Any] = []
+        self._otlp_histograms: dict[str, Any] = {}
         self._http = None
         self.port: int | None = None
+        self._drain_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._drainer: threading.Thread | None = None
+        stats = [e.stats for e in core.registry.all() if e.stats is not None]  # they outlive reloads
         if settings.metrics_port is not None:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
             from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -52,24 +87,41 @@ class Metrics:
             self.registry = CollectorRegistry()
             for collector in (ProcessCollector, PlatformCollector, GCCollector):
                 collector(registry=self.registry)
-            self._readers.append(PrometheusMetricReader(scope_info_enabled=False, registry=self.registry))
+            self.registry.register(_HistogramCollector(core))
+            provider = MeterProvider(
+                metric_readers=[PrometheusMetricReader(scope_info_enabled=False, registry=self.registry)],
+                resource=resource,
+            )
+            self._instruments(provider.get_meter("iskander"))
+            self._providers.append(provider)
+            for s in stats:
+                s.keep_histograms = True
         if settings.otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-            self._readers.append(PeriodicExportingMetricReader(
+            reader = PeriodicExportingMetricReader(
                 OTLPMetricExporter(endpoint=settings.otlp_endpoint, insecure=settings.otlp_insecure),
                 export_interval_millis=int(settings.otlp_metrics_interval_s * 1000),
-            ))
-        self.enabled = bool(self._readers)
-        self._drain_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._drainer: threading.Thread | None = None
-        if not self.enabled:
-            return
-        self.provider = MeterProvider(metric_readers=self._readers, resource=resource)
-        meter = self.provider.get_meter("iskander")
-        # Observed from the statistics (labels: model, version, protocol [, code]).
+            )
+            provider = MeterProvider(metric_readers=[reader], resource=resource)
+            meter = provider.get_meter("iskander")
+            # first: its callback drains the buffered timings before the histograms are read
+            meter.create_observable_gauge("iskander.inference.queued", [self._drain_then_queued], unit="{request}",
+                                          description=_QUEUED)
+            self._instruments(meter, queued=False)
+            for name, (otel_name, unit, description) in HISTOGRAMS.items():
+                self._otlp_histograms[name] = meter.create_histogram(
+                    otel_name, unit=unit, description=description,
+                    explicit_bucket_boundaries_advisory=BATCH_BUCKETS if name == "batch_size" else DURATION_BUCKETS_S,
+                )
+            self._providers.append(provider)
+            for s in stats:
+                s.keep_samples = True
+        self.enabled = bool(self._providers)
+
+    def _instruments(self, meter: Meter, queued: bool = True) -> None:
+        """Counters and gauges, observed from the statistics (labels: model, version[, protocol[, code]])."""
         meter.create_observable_counter(
             "iskander.inference.request.success", [self._success], unit="{request}",
             description="Successful inference requests (nv_inference_request_success).")
@@ -86,49 +138,23 @@ class Metrics:
         meter.create_observable_gauge(
             "iskander.inference.inflight", [self._inflight], unit="{request}",
             description="Requests admitted and not finished: queued, running or being encoded.")
-        meter.create_observable_gauge(
-            "iskander.inference.queued", [self._queued], unit="{request}",
-            description="Requests waiting in the dynamic-batching queue (nv_inference_pending_request_count).")
+        if queued:
+            meter.create_observable_gauge("iskander.inference.queued", [self._queued], unit="{request}",
+                                          description=_QUEUED)
         meter.create_observable_gauge(
             "iskander.model.ready", [self._ready], unit="1",
             description="1 if the model version is READY to serve, else 0.")
-        # Recorded from the sample buffers at collection time.
-        self.request_duration = meter.create_histogram(
-            "iskander.inference.request.duration", unit="s", explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-            description="Whole successful request, received to answered (nv_inference_request_duration_us).")
-        self.queue_duration = meter.create_histogram(
-            "iskander.inference.queue.duration", unit="s", explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-            description="Waiting for admission and the dynamic batcher (nv_inference_queue_duration_us).")
-        self.input_duration = meter.create_histogram(
-            "iskander.inference.compute.input.duration", unit="s",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-            description="Decoding and validating inputs into tensors (nv_inference_compute_input_duration_us).")
-        self.infer_duration = meter.create_histogram(
-            "iskander.inference.compute.infer.duration", unit="s",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-            description="onnxruntime run (nv_inference_compute_infer_duration_us).")
-        self.output_duration = meter.create_histogram(
-            "iskander.inference.compute.output.duration", unit="s",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-            description="Building the output batch from the tensors (nv_inference_compute_output_duration_us).")
-        self.batch_size = meter.create_histogram(
-            "iskander.inference.batch.size", unit="{row}", explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
-            description="Rows per backend execution (merged batch under dynamic batching).")
         # Calls that failed before reaching a model (unknown model, bad descriptor, ...).
-        self.rpc_failures = meter.create_counter(
+        self._rpc_failures.append(meter.create_counter(
             "iskander.rpc.failure", unit="{call}",
-            description="Calls that failed without reaching a model, by protocol, method and status code.")
-        for entry in core.registry.all():
-            if entry.stats is not None:
-                entry.stats.keep_samples = True
+            description="Calls that failed without reaching a model, by protocol, method and status code."))
 
     # --- lifecycle --------------------------------------------------------------------------------
 
     def start(self, host: str) -> None:
-        if not self.enabled:
-            return
-        self._drainer = threading.Thread(target=self._drain_loop, name="metrics-drain", daemon=True)
-        self._drainer.start()
+        if self._otlp_histograms:
+            self._drainer = threading.Thread(target=self._drain_loop, name="metrics-drain", daemon=True)
+            self._drainer.start()
         if self.settings.metrics_port is None:
             return
         from prometheus_client import start_http_server
@@ -152,75 +178,107 @@ class Metrics:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
-        if self.enabled:
-            self.provider.shutdown()  # flushes a last OTLP export
+        for provider in self._providers:
+            provider.shutdown()  # flushes a last OTLP export
 
     def rpc_failure(self, protocol: str, method: str, code: str) -> None:
-        if self.enabled:
-            self.rpc_failures.add(1, {"protocol": protocol, "method": method, "code": code})
+        for counter in self._rpc_failures:
+            counter.add(1, {"protocol": protocol, "method": method, "code": code})
 
     # --- callbacks --------------------------------------------------------------------------------
 
-    def _entries(self) -> Iterable:
+    def _entries(self) -> Iterable[ModelVersion]:
         return (e for e in self.core.registry.all() if e.stats is not None)
 
     def _drain(self) -> None:
-        """Move buffered request timings into the histograms (runs at the start of a collection)."""
+        """Record the buffered request timings into the OTLP histograms."""
+        h = self._otlp_histograms
         with self._drain_lock:
             for entry in self._entries():
                 samples = entry.stats.take_samples()
                 if not samples:
                     continue
-                labels = {p: {"model": entry.name, "version": entry.version, "protocol": p}
-                          for p in {s.protocol for s in samples}}
+                labels = {p: _labels(entry, p) for p in {s.protocol for s in samples}}
                 for s in samples:
                     attrs = labels[s.protocol]
-                    self.request_duration.record(s.total_ns / 1e9, attrs)
+                    h["request"].record(s.total_ns / 1e9, attrs)
                     if s.queue_ns or s.infer_ns:  # zero-row requests ran nothing
-                        self.queue_duration.record(s.queue_ns / 1e9, attrs)
-                        self.input_duration.record(s.input_ns / 1e9, attrs)
-                        self.infer_duration.record(s.infer_ns / 1e9, attrs)
-                        self.output_duration.record(s.output_ns / 1e9, attrs)
+                        h["queue"].record(s.queue_ns / 1e9, attrs)
+                        h["compute_input"].record(s.input_ns / 1e9, attrs)
+                        h["compute_infer"].record(s.infer_ns / 1e9, attrs)
+                        h["compute_output"].record(s.output_ns / 1e9, attrs)
                     if s.execution_rows:
-                        self.batch_size.record(s.execution_rows, attrs)
+                        h["batch_size"].record(s.execution_rows, attrs)
+
+    def _drain_then_queued(self, options: CallbackOptions) -> Iterable[Observation]:
+        self._drain()
+        yield from self._queued(options)
 
     def _success(self, options: CallbackOptions) -> Iterable[Observation]:
-        self._drain()  # the first callback of every collection (instruments are observed in order)
         for entry in self._entries():
             for protocol, counts in entry.stats.protocol_counts().items():
-                yield Observation(counts.success, {"model": entry.name, "version": entry.version, "protocol": protocol})
+                yield Observation(counts.success, _labels(entry, protocol))
 
     def _failure(self, options: CallbackOptions) -> Iterable[Observation]:
         for entry in self._entries():
             for protocol, counts in entry.stats.protocol_counts().items():
                 for code, n in counts.failures.items():
-                    yield Observation(n, {"model": entry.name, "version": entry.version, "protocol": protocol,
-                                          "code": code})
+                    yield Observation(n, {**_labels(entry, protocol), "code": code})
 
     def _rows(self, options: CallbackOptions) -> Iterable[Observation]:
         for entry in self._entries():
             for protocol, counts in entry.stats.protocol_counts().items():
-                yield Observation(counts.inference_count,
-                                  {"model": entry.name, "version": entry.version, "protocol": protocol})
+                yield Observation(counts.inference_count, _labels(entry, protocol))
 
     def _executions(self, options: CallbackOptions) -> Iterable[Observation]:
         for entry in self._entries():
             for protocol, counts in entry.stats.protocol_counts().items():
-                yield Observation(counts.execution_count,
-                                  {"model": entry.name, "version": entry.version, "protocol": protocol})
+                yield Observation(counts.execution_count, _labels(entry, protocol))
 
     def _inflight(self, options: CallbackOptions) -> Iterable[Observation]:
         inflight = self.core.inflight()
         for entry in self._entries():
-            yield Observation(inflight.get(entry.settings.key, 0), {"model": entry.name, "version": entry.version})
+            yield Observation(inflight.get(entry.settings.key, 0), _labels(entry))
 
     def _queued(self, options: CallbackOptions) -> Iterable[Observation]:
         for entry in self._entries():
-            queued = entry.batcher.queued() if entry.batcher is not None else 0
-            yield Observation(queued, {"model": entry.name, "version": entry.version})
+            yield Observation(entry.batcher.queued() if entry.batcher is not None else 0, _labels(entry))
 
     def _ready(self, options: CallbackOptions) -> Iterable[Observation]:
         from .registry import ModelState
 
         for entry in self._entries():
-            yield Observation(int(entry.state is ModelState.READY), {"model": entry.name, "version": entry.version})
+            yield Observation(int(entry.state is ModelState.READY), _labels(entry))
+
+
+_QUEUED = "Requests waiting in the dynamic-batching queue (nv_inference_pending_request_count)."
+
+
+class _HistogramCollector:
+    """Publishes the histograms ``ModelStats`` counts, under the names the OpenTelemetry Prometheus
+    exporter would give them (so dashboards work whichever path fed them)."""
+
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        families = {}
+        for name, (otel_name, unit, description) in HISTOGRAMS.items():
+            prom = otel_name.replace(".", "_") + ("_seconds" if unit == "s" else "")
+            families[name] = HistogramMetricFamily(prom, description, labels=["model", "version", "protocol"])
+        for entry in self.core.registry.all():
+            if entry.stats is None:
+                continue
+            for protocol, hists in entry.stats.histograms().items():
+                for name, hist in hists.items():
+                    scale = 1e9 if name != "batch_size" else 1
+                    cumulative, buckets = 0, []
+                    for bound, count in zip(hist.bounds, hist.counts):
+                        cumulative += count
+                        buckets.append((floatToGoString(bound / scale), cumulative))
+                    buckets.append(("+Inf", cumulative + hist.counts[-1]))
+                    families[name].add_metric([entry.name, entry.version, protocol], buckets, hist.total / scale)
+        yield from families.values()
