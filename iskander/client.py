@@ -19,11 +19,11 @@ import json
 import re
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import attrs
 import pyarrow as pa
 import pyarrow.flight as flight
 
@@ -147,7 +147,7 @@ def translate(exc: Exception) -> IskanderClientError:
 # --- models ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@attrs.frozen
 class ModelInfo:
     """One model version as GetFlightInfo describes it (docs/flight.md)."""
 

@@ -22,11 +22,11 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from queue import SimpleQueue
 from typing import IO, Any, Protocol
 
+import attrs
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
@@ -54,7 +54,7 @@ class ScoreError(Exception):
         self.file, self.batch, self.rows, self.cause = file, batch, rows, cause
 
 
-@dataclass
+@attrs.frozen
 class ScoreOptions:
     model: str
     input: Path
@@ -63,7 +63,7 @@ class ScoreOptions:
     input_format: str | None = None  # parquet | ipc | feather | csv; default: from the file extensions
     output_format: str | None = None  # default: from the output's extension, else parquet
     columns: list[str] | None = None  # input columns kept in the output (default: all)
-    rename: dict[str, str] = field(default_factory=dict)  # input column -> new name, applied as read
+    rename: dict[str, str] = attrs.field(factory=dict)  # input column -> new name, applied as read
     outputs: list[str] | None = None  # model outputs to add (default: all)
     prefix: str = ""  # prepended to the added output column names
     batch_rows: int = 8192
@@ -71,7 +71,7 @@ class ScoreOptions:
     overwrite: bool = False
 
 
-@dataclass(frozen=True)
+@attrs.frozen
 class ScoreResult:
     output: Path
     model: str
@@ -198,7 +198,7 @@ def _list_files(root: Path) -> list[Path]:
     return out
 
 
-@dataclass
+@attrs.frozen
 class _Plan:
     dataset: ds.Dataset
     fragments: list[ds.Fragment]
@@ -394,13 +394,13 @@ class _Sink:
 # --- the pipeline ---------------------------------------------------------------------------------
 
 
-@dataclass
+@attrs.define
 class _Job:
     file: int
     batch: int  # index within the file
     first_row: int  # within the file
     data: pa.RecordBatch | None  # None marks the start of a file
-    answer: Future = field(default_factory=Future)
+    answer: Future = attrs.field(factory=Future)
 
 
 class _Streams:
