@@ -7,6 +7,8 @@ Manifest type strings: primitive names (``float32``, ``int64``, ``utf8``, ...) a
 
 from __future__ import annotations
 
+import functools
+
 import re
 
 import numpy as np
@@ -179,6 +181,7 @@ def element_type(t: pa.DataType) -> pa.DataType:
     return t
 
 
+@functools.cache  # asked per request on hot paths; a type's shape never changes
 def row_shape(t: pa.DataType) -> tuple[int, ...]:
     """Per-row tensor shape of a column type: () for primitives, (a, b) for fsl<fsl<T>[b]>[a] and
     for fixed_shape_tensor<T>[a, b]."""
