@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -123,16 +123,16 @@ class Metrics:
     def _instruments(self, meter: Meter, queued: bool = True) -> None:
         """Counters and gauges, observed from the statistics (labels: model, version[, protocol[, code]])."""
         meter.create_observable_counter(
-            "iskander.inference.request.success", [self._success], unit="{request}",
+            "iskander.inference.request.success", [self._per_protocol("success")], unit="{request}",
             description="Successful inference requests (nv_inference_request_success).")
         meter.create_observable_counter(
             "iskander.inference.request.failure", [self._failure], unit="{request}",
             description="Failed inference requests by status code (nv_inference_request_failure).")
         meter.create_observable_counter(
-            "iskander.inference.count", [self._rows], unit="{row}",
+            "iskander.inference.count", [self._per_protocol("inference_count")], unit="{row}",
             description="Rows inferred: a batch of N rows counts N (nv_inference_count).")
         meter.create_observable_counter(
-            "iskander.inference.exec.count", [self._executions], unit="{execution}",
+            "iskander.inference.exec.count", [self._per_protocol("execution_count")], unit="{execution}",
             description="Backend (onnxruntime) executions; fewer than requests under dynamic batching "
                         "(nv_inference_exec_count).")
         meter.create_observable_gauge(
@@ -214,26 +214,21 @@ class Metrics:
         self._drain()
         yield from self._queued(options)
 
-    def _success(self, options: CallbackOptions) -> Iterable[Observation]:
-        for entry in self._entries():
-            for protocol, counts in entry.stats.protocol_counts().items():
-                yield Observation(counts.success, _labels(entry, protocol))
+    def _per_protocol(self, counter: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """A callback observing one of the ``ProtocolCounts`` counters for every model version."""
+
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            for entry in self._entries():
+                for protocol, counts in entry.stats.protocol_counts().items():
+                    yield Observation(getattr(counts, counter), _labels(entry, protocol))
+
+        return observe
 
     def _failure(self, options: CallbackOptions) -> Iterable[Observation]:
         for entry in self._entries():
             for protocol, counts in entry.stats.protocol_counts().items():
                 for code, n in counts.failures.items():
                     yield Observation(n, {**_labels(entry, protocol), "code": code})
-
-    def _rows(self, options: CallbackOptions) -> Iterable[Observation]:
-        for entry in self._entries():
-            for protocol, counts in entry.stats.protocol_counts().items():
-                yield Observation(counts.inference_count, _labels(entry, protocol))
-
-    def _executions(self, options: CallbackOptions) -> Iterable[Observation]:
-        for entry in self._entries():
-            for protocol, counts in entry.stats.protocol_counts().items():
-                yield Observation(counts.execution_count, _labels(entry, protocol))
 
     def _inflight(self, options: CallbackOptions) -> Iterable[Observation]:
         inflight = self.core.inflight()
