@@ -68,7 +68,7 @@ class Sample:
     execution_rows: int  # rows of the backend run it started; 0 if it joined another's run or ran none
 
 
-MAX_PENDING_SAMPLES = 100_000  # beyond this, undrained samples are dropped (and counted)
+MAX_PENDING_SAMPLES = 100_000  # beyond this, undrained samples are dropped (OTLP histograms only)
 
 # Histogram upper bounds (Prometheus `le`, inclusive): durations 25 us doubling to ~26 s, in ns;
 # rows per execution 1 .. 65536.
@@ -133,7 +133,6 @@ class ModelStats:
         self._histograms: dict[str, dict[str, Histogram]] = {}  # protocol -> name -> histogram
         self.keep_samples = False  # set by the metrics when OTLP is on
         self._samples: list[Sample] = []
-        self.samples_dropped = 0
 
     def _protocol(self, protocol: str) -> ProtocolCounts:
         counts = self.protocols.get(protocol)
@@ -192,7 +191,6 @@ class ModelStats:
 
     def _keep(self, protocol: str, total_ns: int, execution: Execution | None) -> None:
         if len(self._samples) >= MAX_PENDING_SAMPLES:
-            self.samples_dropped += 1
             return
         if execution is None:  # a zero-row request: nothing ran
             self._samples.append(Sample(protocol, total_ns, 0, 0, 0, 0, 0))
