@@ -39,6 +39,13 @@ class TokenAuth:
         return ok
 
 
+    def check_headers(self, values: list[str | bytes] | tuple[str | bytes, ...]) -> bool:
+        """The one rule for both frontends: exactly one ``authorization`` header, and it is valid.
+        Two headers are refused even if one is valid: proxies and clients disagree on which of
+        several wins, so accepting any would let a forwarded header override the caller's."""
+        return len(values) == 1 and self.check(values[0])
+
+
 def load_tokens(tokens: tuple[str, ...], token_file: Path | None) -> TokenAuth:
     found = {t.encode() for t in tokens if t}
     if token_file is not None:

@@ -103,6 +103,11 @@ class ServerSettings:
     max_inflight: int = 0  # default per-model bound on requests running or queued at once; 0 = unbounded
     max_stream_rows: int = 0  # rows one DoExchange / ModelStreamInfer stream may carry in total; 0 = unbounded
     max_batch_size: int = 0  # default rows per request for models that do not set their own; 0 = unbounded
+    # Transport admission, per frontend (docs/security.md): inference calls (OIP ModelInfer and
+    # ModelStreamInfer, Flight DoExchange) beyond these are refused before their payload is read.
+    # Health, liveness, readiness, metadata and actions are never counted, so probes always answer.
+    max_concurrent_rpcs: int = 128  # inference calls (unary and streams) open at once; 0 = unbounded
+    max_concurrent_streams: int = 32  # of those, streams; kept below max_concurrent_rpcs so unary calls always get in
 
 
 @attrs.frozen
@@ -117,6 +122,7 @@ class ObservabilitySettings:
     trace_sample_ratio: float = 1.0  # share of traces started here that are sampled (clients' own flag wins)
     service_name: str = "iskander"  # OpenTelemetry resource service.name
     log_format: str = "text"  # "text" or "json" (one JSON object per line)
+    metrics_auth_token: str | None = None  # when set, /metrics needs 'authorization: Bearer <token>'
 
 
 @attrs.frozen
@@ -138,7 +144,7 @@ _BATCHING_KEYS = {"max_batch_rows", "max_queue_delay_us", "preferred_batch_rows"
 _SERVER_KEYS = {
     "host", "flight_port", "grpc_port", "grpc_workers", "max_message_bytes", "grace_seconds", "request_timeout_s",
     "auth_tokens", "auth_token_file", "auth_health_open", "tls_cert", "tls_key", "tls_client_ca", "max_inflight",
-    "max_stream_rows", "max_batch_size",
+    "max_stream_rows", "max_batch_size", "max_concurrent_rpcs", "max_concurrent_streams",
 }
 
 
@@ -321,11 +327,16 @@ def _parse_server(table: Any, source: Path | str, base: Path | None = None) -> S
     if tls["tls_client_ca"] and not tls["tls_cert"]:
         raise where.error("server.tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
     limits = {}
-    for key in ("max_inflight", "max_stream_rows", "max_batch_size"):
+    for key in ("max_inflight", "max_stream_rows", "max_batch_size", "max_concurrent_rpcs", "max_concurrent_streams"):
         value = _typed(where, table, key, int, getattr(d, key))
         if value < 0:
             raise where.error(f"server.{key}", f"must be >= 0, got {value}")
         limits[key] = value
+    rpcs, streams = limits["max_concurrent_rpcs"], limits["max_concurrent_streams"]
+    if rpcs and (not streams or streams >= rpcs):
+        raise where.error("server.max_concurrent_streams",
+                          f"must be >= 1 and below max_concurrent_rpcs ({rpcs}) so that streams cannot hold every "
+                          f"slot, got {streams}")
     return ServerSettings(
         **tls,
         **limits,
@@ -343,7 +354,7 @@ def _parse_server(table: Any, source: Path | str, base: Path | None = None) -> S
 
 _OBSERVABILITY_KEYS = {
     "metrics_port", "metrics_host", "otlp_endpoint", "otlp_insecure", "otlp_metrics_interval_s",
-    "trace_sample_ratio", "service_name", "log_format",
+    "trace_sample_ratio", "service_name", "log_format", "metrics_auth_token",
 }
 
 
@@ -378,6 +389,7 @@ def _parse_observability(table: Any, source: Path | str) -> ObservabilitySetting
         trace_sample_ratio=float(ratio),
         service_name=_typed(where, table, "service_name", str, d.service_name),
         log_format=log_format,
+        metrics_auth_token=_typed(where, table, "metrics_auth_token", str, d.metrics_auth_token) or None,
     )
 
 
