@@ -29,6 +29,7 @@ import pyarrow.flight as flight
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from iskander.flight_status import error_details
 from iskander.launch import spawn_server
 
 CLIENT_ERRORS = ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE")
@@ -104,8 +105,8 @@ def worker(server, seed: int, deadline: float, invalid_share: float, tally: coll
                         w.write_batch(bad)
                         r.read_chunk()
                     count(f"unexpected_accept:flight:{kind}")
-                except flight.FlightError as exc:
-                    code = json.loads(exc.extra_info or b"{}").get("code", "?")
+                except pa.ArrowException as exc:
+                    code = error_details(exc).get("code", "?")
                     count(f"refused:flight:{kind}:{code}" if code in CLIENT_ERRORS else f"unexpected:flight:{kind}:{code}")
                 continue
             try:

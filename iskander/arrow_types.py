@@ -28,6 +28,10 @@ class BFloat16Type(pa.ExtensionType):
 
     @classmethod
     def __arrow_ext_deserialize__(cls, storage_type: pa.DataType, serialized: bytes) -> "BFloat16Type":
+        # Called by the IPC reader for any field whose metadata names this type, over whatever storage
+        # the sender declared: over anything but uint16 the values would be read past their buffer.
+        if storage_type != pa.uint16():
+            raise TypeError(f"iskander.bfloat16 is stored as uint16, got a column declared as {storage_type}")
         return cls()
 
 

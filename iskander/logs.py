@@ -7,15 +7,29 @@ them without parsing messages.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
 import time
+import traceback
 
 FIELDS = ("request_id", "protocol", "method", "model", "version", "rows", "status", "duration_ms")
 
 
-class JsonFormatter(logging.Formatter):
+# The server sets sys.tracebacklimit = 0 to keep tracebacks off the Flight wire
+# (frontends/flight_errors.py); log lines still get the whole traceback.
+_LOG_TRACEBACK_LIMIT = 200
+
+
+class TextFormatter(logging.Formatter):
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]
+        out = io.StringIO()
+        traceback.print_exception(ei[0], ei[1], ei[2], limit=_LOG_TRACEBACK_LIMIT, file=out)
+        return out.getvalue().rstrip("\n")
+
+
+class JsonFormatter(TextFormatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
@@ -37,7 +51,7 @@ def setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))

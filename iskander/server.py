@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 from .auth import TlsFiles, load_tokens
 from .core import InferenceCore, server_version
 from .frontends.flight import make_flight_server
+from .frontends.flight_errors import hide_tracebacks
 from .frontends.oip import make_grpc_server, set_health
 from .observer import Observer
 from .registry import ModelRegistry
@@ -54,15 +56,16 @@ class IskanderServer:
             self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes, s.request_timeout_s,
             auth=auth, health_open=s.auth_health_open, tls=tls, max_stream_rows=s.max_stream_rows,
         )
+        # pyarrow's server is listening once constructed. Its serve() only blocks, and it installs
+        # its own SIGINT/SIGTERM handlers (ServeWithSignals), racing ours: it is never called.
         self.flight_server = make_flight_server(
             self.core, s.host, s.flight_port, s.max_message_bytes, s.request_timeout_s, auth=auth, tls=tls,
-            max_stream_rows=s.max_stream_rows,
+            max_stream_rows=s.max_stream_rows, max_concurrent_rpcs=s.max_concurrent_rpcs,
+            max_concurrent_streams=s.max_concurrent_streams,
         )
         self.flight_scheme = "grpc+tls" if tls is not None else "grpc"
         self.flight_port = self.flight_server.port
         self.grpc_server.start()
-        self._flight_thread = threading.Thread(target=self.flight_server.serve, name="flight", daemon=True)
-        self._flight_thread.start()
         if self.observer.metrics is not None:
             self.observer.metrics.start(s.host)
         set_health(self.health, self.core, serving=True)
@@ -78,25 +81,30 @@ class IskanderServer:
             pass
 
     def stop(self) -> bool:
-        """Stop accepting, let in-flight calls finish within grace_seconds. Returns False when
-        something was still running at the deadline (an idle client holding a DoExchange stream
-        open blocks pyarrow's shutdown for ever), so the caller must end the process itself."""
+        """Stop accepting, let in-flight calls finish within grace_seconds. Streams end after the
+        batch they are answering. Returns False when a call was still open at the deadline (an idle
+        client holding a stream open blocks pyarrow's shutdown for ever, and pyarrow offers no
+        deadline), so the caller must end the process itself; no batch is being answered then."""
         grace = self.settings.server.grace_seconds
+        deadline = time.monotonic() + grace
         self.core.live = False
         set_health(self.health, self.core, serving=False)  # probes see NOT_SERVING first
+        self.flight_server.draining.set()
         done = self.grpc_server.stop(grace)
         # pyarrow's shutdown() blocks until every Flight call returns, with no deadline of its own
         flight_down = threading.Thread(target=self.flight_server.shutdown, name="flight-shutdown", daemon=True)
         flight_down.start()
-        flight_down.join(timeout=grace)
-        grpc_done = done.wait(grace + 1)  # usually set already: gRPC's own grace ran meanwhile
+        flight_down.join(timeout=max(0.0, deadline - time.monotonic()))
+        grpc_done = done.wait(max(0.0, deadline - time.monotonic()) + 0.5)
         clean = grpc_done and not flight_down.is_alive()
+        if not clean:
+            # a batch that arrived on an idle stream just now is answered before the process ends
+            self.flight_server.wait_idle(0.5)
         if self.observer.metrics is not None:
             self.observer.metrics.stop()
         if self.observer.tracing is not None:
             self.observer.tracing.shutdown()
         if clean:
-            self._flight_thread.join(timeout=1)
             log.info("stopped")
         else:
             log.warning("stopped after the %.1f s grace period with calls still open (idle streams); closing them", grace)
@@ -105,6 +113,7 @@ class IskanderServer:
     def run(self) -> bool:
         """Start, print the ready line, serve until SIGINT/SIGTERM, then stop. Returns whether every
         call finished within the grace period."""
+        hide_tracebacks()  # this is the server process: no traceback may reach a Flight client
         flight_port, grpc_port = self.start()
         host = self.settings.server.host
         signal.signal(signal.SIGTERM, self.request_stop)

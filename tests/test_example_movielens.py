@@ -23,6 +23,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from helpers import exchange
+from iskander.flight_status import error_details
 from iskander.launch import spawn_server
 from models import server_session
 from iskander.manifest import load_manifest
@@ -262,9 +263,9 @@ def test_reference_session_refuses_out_of_range_ids(reference_session):
 def test_out_of_range_user_id_over_flight_is_invalid_argument(movielens_server, reference_session):
     users, items = sample_ids(4, seed=3)
     users[2] = N_USERS  # one bad row fails the whole batch
-    with pytest.raises(flight.FlightServerError) as info:
+    with pytest.raises(pa.ArrowException) as info:
         flight_exchange(movielens_server, id_batch(users, items))
-    detail = json.loads(info.value.extra_info)
+    detail = error_details(info.value)
     assert detail["code"] == "INVALID_ARGUMENT"
     assert detail["model"] == NAME
     assert detail["message"].startswith(f"model '{NAME}' rejected the input: ")

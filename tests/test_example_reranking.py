@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from helpers import exchange, serving
 from models import server_session
+from iskander.flight_status import error_details
 from iskander.launch import ServerProcess, spawn_server
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "reranking"
@@ -355,9 +356,9 @@ def test_flight_struct_missing_a_field_is_invalid_argument(rerank_server: Server
     short = pa.StructArray.from_arrays([item.field("price"), item.field("category_embedding")],
                                        names=["price", "category_embedding"])
     bad = batch.set_column(3, "item_features", short)
-    with pytest.raises(flight.FlightServerError) as exc:
+    with pytest.raises(pa.ArrowException) as exc:
         flight_exchange(rerank_server, bad)
-    info = json.loads(exc.value.extra_info)
+    info = error_details(exc.value)
     assert info["code"] == "INVALID_ARGUMENT" and info["column"] == "item_features"
     assert info["message"] == (
         "column 'item_features' of model 'reranker' has type "

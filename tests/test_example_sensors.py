@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from helpers import exchange, serving
 from models import server_session
+from iskander.flight_status import error_details
 from iskander.launch import ServerProcess
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "sensor-windows"
@@ -243,9 +244,9 @@ def test_triton_metadata_shapes(sensor_server: ServerProcess):
 def test_flight_window_of_the_wrong_shape_is_invalid_argument(sensor_server: ServerProcess):
     ids, windows = sample_windows()
     short = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(windows[:, :32]))
-    with pytest.raises(flight.FlightServerError) as exc:
+    with pytest.raises(pa.ArrowException) as exc:
         flight_exchange(sensor_server, pa.RecordBatch.from_pydict({"device_id": ids, "window": short}))
-    info = json.loads(exc.value.extra_info)
+    info = error_details(exc.value)
     assert info["code"] == "INVALID_ARGUMENT" and info["column"] == "window"
     assert info["message"] == (
         "column 'window' of model 'sensor-anomaly' has type fixed_shape_tensor<float32>[32, 3], model expects "

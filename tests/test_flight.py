@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
+from iskander.flight_status import error_details
+
 from data import dtypes_batch, dtypes_feeds, fsl, tabular_batch, two_tower_batch
 from helpers import exchange as shared_exchange
 from models import reference
@@ -34,8 +36,8 @@ def exchange(client: flight.FlightClient, descriptor: flight.FlightDescriptor, b
     return shared_exchange(client, path[0], batches, version=path[1] if len(path) > 1 else None)
 
 
-def error_info(exc: flight.FlightError) -> dict:
-    return json.loads(exc.extra_info)
+def error_info(exc: pa.ArrowException) -> dict:
+    return error_details(exc)
 
 
 def test_two_tower_matches_onnxruntime_and_keeps_passthrough(client, models_dir):
@@ -168,7 +170,7 @@ def test_actions(client):
 
 
 def expect_error(client, descriptor, batch) -> tuple[str, dict]:
-    with pytest.raises(flight.FlightError) as info:
+    with pytest.raises(pa.ArrowException) as info:
         exchange(client, descriptor, [batch])
     return str(info.value), error_info(info.value)
 
@@ -302,7 +304,8 @@ def test_invalid_utf8_in_a_string_column_is_a_client_error(client, models_dir):
     batch = pa.record_batch({"word": bad})
     msg, info = expect_error(client, flight.FlightDescriptor.for_path("strings"), batch)
     assert info["code"] == "INVALID_ARGUMENT" and info["column"] == "word"
-    assert "column 'word' of model 'strings' holds bytes that are not valid UTF-8" in msg
+    # refused by the edge's full validation, before the contract reads the column
+    assert "column 'word' for model 'strings' is malformed" in msg and "Invalid UTF8" in msg
 
 
 def test_sigterm_with_an_idle_open_stream_exits_after_the_grace_period(models_dir, tmp_path):

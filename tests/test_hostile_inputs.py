@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+
+from iskander.flight_status import error_details
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -119,8 +121,8 @@ def test_malformed_flight_batches_get_client_errors(server, stub, mutation, rows
                                                                               "dictionary", "zero_cols",
                                                                               "wrong_width")
         assert out.num_rows == batch.num_rows
-    except flight.FlightError as exc:
-        info = json.loads(exc.extra_info) if exc.extra_info else {}
+    except pa.ArrowException as exc:
+        info = error_details(exc)
         assert info.get("code") in {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}, (mutation, str(exc))
     finally:
         client.close()
@@ -148,9 +150,9 @@ def test_max_stream_rows_on_both_streaming_rpcs(models_dir, tmp_path):
     with serving(tmp_path, config) as running:
         batch, _ = tabular_batch(4)
         assert len(exchange(running.flight_uri, "tabular", [batch, batch])) == 2  # 8 rows: fine
-        with pytest.raises(flight.FlightError) as info:
+        with pytest.raises(pa.ArrowException) as info:
             exchange(running.flight_uri, "tabular", [batch, batch, batch])  # 12 rows
-        detail = json.loads(info.value.extra_info)
+        detail = error_details(info.value)
         assert detail["code"] == "RESOURCE_EXHAUSTED" and detail["limit"] == "max_stream_rows"
         channel = grpc.insecure_channel(running.grpc_url)
         stream = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+
+from iskander.flight_status import error_details
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
@@ -67,15 +70,15 @@ def test_model_max_message_bytes_on_both_frontends(limited):
     assert "exceeds its max_message_bytes (2048)" in info.value.message()
     c.close()
     batch, _ = tabular_batch(80)
-    with pytest.raises(flight.FlightError) as ferr:
+    with pytest.raises(pa.ArrowException) as ferr:
         exchange(limited.flight_uri, "own", [batch])
-    detail = json.loads(ferr.value.extra_info)
+    detail = error_details(ferr.value)
     assert detail["limit"] == "max_message_bytes" and detail["expected"] == 2048
 
 
 def test_model_max_stream_rows_overrides_the_server(limited):
     batch, _ = tabular_batch(5)
     assert len(exchange(limited.flight_uri, "defaults", [batch] * 13)) == 13  # 65 rows < 100
-    with pytest.raises(flight.FlightError) as ferr:
+    with pytest.raises(pa.ArrowException) as ferr:
         exchange(limited.flight_uri, "own", [batch] * 13)  # 65 rows > 60
-    assert json.loads(ferr.value.extra_info)["limit"] == "max_stream_rows"
+    assert error_details(ferr.value)["limit"] == "max_stream_rows"

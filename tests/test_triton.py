@@ -13,8 +13,11 @@ import time
 import grpc
 import ml_dtypes
 import numpy as np
+import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+
+from iskander.flight_status import error_details
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -347,9 +350,9 @@ def test_flight_repository_actions(repo_server):
     assert not c.is_model_ready("two_tower")  # one registry behind both frontends
     act("load_model", b"two_tower")
     assert c.is_model_ready("two_tower")
-    with pytest.raises(flight.FlightError) as info:
+    with pytest.raises(pa.ArrowException) as info:
         act("load_model", b"nope")
-    assert json.loads(info.value.extra_info)["code"] == "NOT_FOUND"
+    assert error_details(info.value)["code"] == "NOT_FOUND"
     c.close()
     fc.close()
 
@@ -378,12 +381,12 @@ def test_message_size_limit_on_both_frontends(models_dir, tmp_path):
         fc = flight.connect(running.flight_uri)
         batch, _ = tabular_batch(5000)
         writer, reader = fc.do_exchange(flight.FlightDescriptor.for_path("tabular"))
-        with pytest.raises(flight.FlightError) as ferr:
+        with pytest.raises(pa.ArrowException) as ferr:
             with writer:
                 writer.begin(batch.schema)
                 writer.write_batch(batch)
                 reader.read_chunk()
-        detail = json.loads(ferr.value.extra_info)
+        detail = error_details(ferr.value)
         assert detail["code"] == "RESOURCE_EXHAUSTED" and detail["limit"] == "max_message_bytes"
         assert "exceeds max_message_bytes (65536)" in str(ferr.value)
         small_batch, _ = tabular_batch(10)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,10 +25,12 @@ import pyarrow.flight as flight
 
 from ..auth import TlsFiles, TokenAuth
 from ..core import InferenceCore
-from ..errors import InvalidInput, ResourceExhausted
+from ..arrow_checks import check_batch
+from ..errors import InvalidInput, ModelNotReady, ResourceExhausted
+from ..text import clip
 from ..model_info import describe, repository_index, statistics
 from ..registry import ModelState, ModelVersion
-from .flight_errors import flight_errors, flight_errors_gen
+from .flight_errors import flight_errors, flight_errors_gen, to_flight_error
 
 ACTIONS = {
     "health": "Server liveness and readiness, with each model version's state. Body: empty.",
@@ -49,18 +53,44 @@ ACTIONS = {
 def _descriptor_target(descriptor: flight.FlightDescriptor) -> tuple[str, str | None]:
     if descriptor.descriptor_type != flight.DescriptorType.PATH:
         raise InvalidInput("use a PATH descriptor: FlightDescriptor.for_path(model) or for_path(model, version)")
-    parts = [p.decode() if isinstance(p, bytes) else p for p in descriptor.path]
-    if len(parts) == 1:
-        return parts[0], None
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise InvalidInput(f"descriptor path must be [model] or [model, version], got {parts}")
+    path = descriptor.path or []
+    if len(path) not in (1, 2):
+        raise InvalidInput(f"descriptor path must be [model] or [model, version], got {len(path)} elements")
+    try:
+        parts = [p.decode() if isinstance(p, bytes) else p for p in path]
+    except UnicodeDecodeError:
+        raise InvalidInput("descriptor path elements must be UTF-8 text") from None
+    return parts[0], (parts[1] if len(parts) == 2 else None)
+
+
+MAX_ACTION_BODY = 64 * 1024  # action bodies name a model; nothing legitimate comes near this
+MAX_JSON_DEPTH = 8
+_JSON_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
+
+
+def _json_depth(text: str) -> int:
+    """Deepest nesting of arrays/objects, counted without parsing (strings removed first), so a body
+    nested 100,000 deep is refused before json.loads recurses into it."""
+    depth = deepest = 0
+    for ch in _JSON_STRING.sub("", text):
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _json_body(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body)
-    except ValueError:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("action body is not UTF-8 text") from None
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise InvalidInput(f"action body nests JSON deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
         raise InvalidInput("action body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidInput("action body must be a JSON object")
@@ -74,7 +104,10 @@ def _action_target(body: bytes) -> tuple[str | None, str | None]:
     if text.startswith("{"):
         data = _json_body(body)
         name, version = data.get("name"), data.get("version")
-        return (str(name) if name else None), (str(version) if version else None)
+        for key, value in (("name", name), ("version", version)):
+            if value is not None and not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise InvalidInput(f"action body key '{key}' must be a string, got {type(value).__name__}")
+        return (str(name) if name else None), (str(version) if version is not None else None)
     return text, None
 
 
@@ -94,6 +127,11 @@ class FlightFrontend(flight.FlightServerBase):
         # pyarrow exposes no gRPC message cap for Flight servers, so the same limit as the OIP
         # frontend's max_message_bytes is applied to each received batch before it reaches a model.
         self.max_batch_bytes = max_batch_bytes
+        # set when the server stops: streams end after the batch they are answering
+        self.draining = threading.Event()
+        self._busy = 0  # batches being answered now
+        self._busy_lock = threading.Lock()
+        self._idle = threading.Condition(self._busy_lock)
 
     # --- discovery --------------------------------------------------------------------------------
 
@@ -121,7 +159,6 @@ class FlightFrontend(flight.FlightServerBase):
     def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         name, version = _descriptor_target(descriptor)
         entry = self.core.model(name, version)
-        assert entry.contract is not None
         return flight.SchemaResult(entry.contract.input_schema)
 
     # --- inference --------------------------------------------------------------------------------
@@ -149,37 +186,67 @@ class FlightFrontend(flight.FlightServerBase):
                 chunk = reader.read_chunk()
             except StopIteration:
                 break
-            except (pa.ArrowException, OSError) as exc:  # malformed stream, e.g. a second schema mid-stream
+            except (pa.ArrowException, OSError, TypeError) as exc:
+                # malformed stream: a second schema mid-stream, an undecodable IPC message, an
+                # extension type over the wrong storage (TypeError from its deserializer)
                 raise InvalidInput(
-                    f"the DoExchange stream for model '{name}' could not be read (one stream carries one schema "
-                    f"and record batches): {str(exc).split('. Detail')[0]}",
+                    f"the DoExchange stream for model '{clip(name)}' could not be read (one stream carries one "
+                    f"schema and record batches): {clip(str(exc).split('. Detail')[0], 300)}",
                     model=name,
                 ) from None
             batch = chunk.data
             if batch is None:  # metadata-only message: nothing to score
                 continue
-            # each batch is one request: counted, traced and logged on its own
-            with observer.call("flight", "DoExchange", time.perf_counter_ns(), name, carrier) as call:
-                try:
-                    stream_rows += batch.num_rows
-                    self._check_limits(entry, batch, stream_rows, max_rows, max_bytes)
-                except Exception as exc:
-                    self.core.record_failure(entry, call, exc)
-                    raise
-                deadline = time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
-                result = self.core.infer(name, version, batch, deadline=deadline, call=call)
-                if not started:
-                    writer.begin(result.batch.schema)
-                    started = True
-                writer.write_batch(result.batch)
+            self._busy_enter()
+            try:
+                # each batch is one request: counted, traced and logged on its own
+                with observer.call("flight", "DoExchange", time.perf_counter_ns(), name, carrier) as call:
+                    try:
+                        # nothing reads the batch's buffers before this: sizes first, then structure
+                        self._check_size(entry, batch, max_bytes)
+                        check_batch(batch, name)
+                        stream_rows += batch.num_rows  # counted only once the batch is known sound
+                        self._check_stream_rows(entry, stream_rows, max_rows)
+                    except Exception as exc:
+                        self.core.record_failure(entry, call, exc)
+                        raise
+                    deadline = time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
+                    result = self.core.infer(name, version, batch, deadline=deadline, call=call)
+                    if not started:
+                        writer.begin(result.batch.schema)
+                        started = True
+                    writer.write_batch(result.batch)
+            finally:
+                self._busy_exit()
+            if self.draining.is_set():
+                # the batch in flight was answered; end the stream before the process goes
+                raise ModelNotReady(
+                    f"the server is shutting down; the stream for model '{clip(name)}' is closed after "
+                    "the batch it answered; reconnect (to another replica) for more",
+                    model=name,
+                )
         if not started:
-            assert entry.contract is not None
             writer.begin(entry.contract.output_schema)
 
+    def _busy_enter(self) -> None:
+        with self._busy_lock:
+            self._busy += 1
+
+    def _busy_exit(self) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no batch is being answered (streams may still be open and idle)."""
+        with self._busy_lock:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
     @staticmethod
-    def _check_limits(entry: ModelVersion, batch: pa.RecordBatch, stream_rows: int, max_rows: int,
-                      max_bytes: int) -> None:
+    def _check_size(entry: ModelVersion, batch: pa.RecordBatch, max_bytes: int) -> None:
         name = entry.name
+        # the received buffers (not the sizes the header claims): that is what this batch holds in memory
         size = batch.get_total_buffer_size()
         if size > max_bytes:
             raise ResourceExhausted(
@@ -187,7 +254,11 @@ class FlightFrontend(flight.FlightServerBase):
                 f"({max_bytes}); send smaller batches",
                 model=name, limit="max_message_bytes", expected=max_bytes, got=size,
             )
+
+    @staticmethod
+    def _check_stream_rows(entry: ModelVersion, stream_rows: int, max_rows: int) -> None:
         if max_rows and stream_rows > max_rows:
+            name = entry.name
             raise ResourceExhausted(
                 f"stream for model '{name}' carried {stream_rows} rows, more than max_stream_rows "
                 f"({max_rows}); open a new stream",
@@ -203,6 +274,8 @@ class FlightFrontend(flight.FlightServerBase):
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[flight.Result]:
         kind = action.type
         body = action.body.to_pybytes() if action.body is not None else b""
+        if len(body) > MAX_ACTION_BODY:
+            raise InvalidInput(f"action body of {len(body)} bytes is larger than {MAX_ACTION_BODY}; send a model name")
         registry = self.core.registry
         if kind == "health":
             yield _json_result({
@@ -251,12 +324,63 @@ class TokenMiddlewareFactory(flight.ServerMiddlewareFactory):
         self.auth = auth
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[Any]]) -> None:
-        values = headers.get("authorization", [])
-        if not any(self.auth.check(v) for v in values):
+        if not self.auth.check_headers(headers.get("authorization", [])):
             raise flight.FlightUnauthenticatedError(
-                "missing or invalid bearer token: send header 'authorization: Bearer <token>'"
+                "missing or invalid bearer token: send exactly one header 'authorization: Bearer <token>'"
             )
         return None
+
+
+# Calls that carry inference data. Discovery, schema and actions (health among them) are never
+# counted, so they answer however many streams are open.
+_DATA_METHODS = frozenset({flight.FlightMethod.DO_EXCHANGE, flight.FlightMethod.DO_PUT, flight.FlightMethod.DO_GET})
+
+
+class _Admitted(flight.ServerMiddleware):
+    def __init__(self, factory: "AdmissionFactory") -> None:
+        super().__init__()
+        self.factory = factory
+
+    def call_completed(self, exception: BaseException | None) -> None:
+        self.factory.release()
+
+
+class AdmissionFactory(flight.ServerMiddlewareFactory):
+    """Caps the data streams open at once. Runs when the call starts, before the handler reads a
+    batch, so refused streams never get their payload into Python. On Flight every inference call is
+    a stream, so the cap is the smaller of max_concurrent_streams and max_concurrent_rpcs."""
+
+    def __init__(self, core: InferenceCore, limit: int, key: str) -> None:
+        super().__init__()
+        self.core = core
+        self.limit = limit
+        self.key = key
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def start_call(self, info: flight.CallInfo, headers: dict[str, list[Any]]) -> _Admitted | None:
+        if info.method not in _DATA_METHODS:
+            return None
+        with self._lock:
+            current = self._open
+            if current < self.limit:
+                self._open = current + 1
+                return _Admitted(self)
+        exc = ResourceExhausted(
+            f"{current} Flight data streams are open, the server's limit ({self.key} = {self.limit}); "
+            "close a stream or retry later",
+            limit=self.key, expected=self.limit, got=current,
+        )
+        self.core.observer.unattributed_failure("flight", "DoExchange", exc)
+        raise to_flight_error(exc)
+
+    def release(self) -> None:
+        with self._lock:
+            self._open -= 1
+
+    @property
+    def open_streams(self) -> int:
+        return self._open
 
 
 class TraceHeaders(flight.ServerMiddleware):
@@ -286,10 +410,15 @@ def _trace_carrier(context: flight.ServerCallContext) -> dict[str, str] | None:
 def make_flight_server(
     core: InferenceCore, host: str, port: int, max_batch_bytes: int, request_timeout_s: float = 0.0,
     auth: TokenAuth | None = None, tls: TlsFiles | None = None, max_stream_rows: int = 0,
+    max_concurrent_rpcs: int = 0, max_concurrent_streams: int = 0,
 ) -> FlightFrontend:
     middleware: dict[str, flight.ServerMiddlewareFactory] = {}
     if auth is not None and auth.enabled:
-        middleware["auth"] = TokenMiddlewareFactory(auth)
+        middleware["auth"] = TokenMiddlewareFactory(auth)  # first: unauthenticated calls are never counted
+    caps = [(limit, key) for limit, key in ((max_concurrent_streams, "max_concurrent_streams"),
+                                             (max_concurrent_rpcs, "max_concurrent_rpcs")) if limit]
+    if caps:
+        middleware["admission"] = AdmissionFactory(core, *min(caps))
     if core.observer.tracing is not None:
         middleware["trace"] = TraceHeadersFactory()
     options: dict[str, Any] = {}

@@ -1,0 +1,59 @@
+"""Structural validation of record batches received from the network, before anything reads them.
+
+Arrow's IPC reader trusts the message header: a batch whose header claims more rows than its
+buffers hold, or offsets that point past the data, is handed out as is, and reading it reads
+past the received buffers (other requests' bytes, or a segfault inside onnxruntime). Every batch
+a frontend receives in Arrow form goes through ``check_batch`` first.
+
+Cost (docs/memory_model.md): the cheap check (``Array.validate()``: buffer sizes against length and
+type) is O(columns); the full check (offsets monotonic and in bounds, UTF-8, dictionary indices) is
+O(rows) and only runs for columns whose layout has offsets or indices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pyarrow as pa
+
+from .errors import InvalidInput
+from .text import clip
+
+
+def _needs_full(t: pa.DataType) -> bool:
+    """True when reading ``t`` follows offsets, indices or type ids held in the data itself."""
+    if isinstance(t, pa.ExtensionType):
+        return _needs_full(t.storage_type)
+    if pa.types.is_fixed_size_list(t):
+        return _needs_full(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_needs_full(f.type) for f in t)
+    return not (pa.types.is_primitive(t) or pa.types.is_null(t) or pa.types.is_fixed_size_binary(t)
+                or pa.types.is_decimal(t))
+
+
+@functools.lru_cache(maxsize=256)
+def full_columns(schema: pa.Schema) -> tuple[bool, ...]:
+    """Per column: whether it needs the full (O(rows)) check. Cached: a stream keeps one schema."""
+    return tuple(_needs_full(f.type) for f in schema)
+
+
+def check_batch(batch: pa.RecordBatch, model: str) -> None:
+    """Raise InvalidInput naming the column if ``batch`` is not structurally sound."""
+    rows = batch.num_rows
+    if rows < 0:
+        raise InvalidInput(f"record batch for model '{clip(model)}' claims {rows} rows", model=model)
+    for name, column, full in zip(batch.schema.names, batch.columns, full_columns(batch.schema)):
+        if len(column) != rows:
+            raise InvalidInput(
+                f"column '{clip(name)}' for model '{clip(model)}' has {len(column)} rows, the batch claims {rows}",
+                model=model, column=name, expected=rows, got=len(column),
+            )
+        try:
+            column.validate(full=full)
+        except (pa.ArrowInvalid, pa.ArrowException) as exc:
+            raise InvalidInput(
+                f"column '{clip(name)}' for model '{clip(model)}' is malformed ({column.type} with {rows} rows): "
+                f"{clip(str(exc), 300)}",
+                model=model, column=name,
+            ) from None
