@@ -30,8 +30,10 @@ class BFloat16Type(pa.ExtensionType):
     def __arrow_ext_deserialize__(cls, storage_type: pa.DataType, serialized: bytes) -> "BFloat16Type":
         # Called by the IPC reader for any field whose metadata names this type, over whatever storage
         # the sender declared: over anything but uint16 the values would be read past their buffer.
+        # ValueError: pyarrow's Flight server answers it INVALID_ARGUMENT (it is read before any handler).
         if storage_type != pa.uint16():
-            raise TypeError(f"iskander.bfloat16 is stored as uint16, got a column declared as {storage_type}")
+            raise ValueError(
+                f"a column declared as iskander.bfloat16 must be stored as uint16, got {storage_type}")
         return cls()
 
 

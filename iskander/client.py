@@ -27,6 +27,8 @@ import attrs
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from .flight_status import error_details
+
 __all__ = [
     "IskanderClient", "ModelInfo", "Exchange", "connect", "attach_outputs", "conform",
     "IskanderClientError", "InvalidArgument", "NotFound", "Unavailable", "ResourceExhausted",
@@ -120,15 +122,7 @@ def _clean(text: str) -> str:
 
 def translate(exc: Exception) -> IskanderClientError:
     """The client exception for a pyarrow Flight (or Arrow) error."""
-    details: dict[str, Any] = {}
-    extra = getattr(exc, "extra_info", None)
-    if extra:
-        try:
-            parsed = json.loads(extra)
-            if isinstance(parsed, dict):
-                details = parsed
-        except ValueError:
-            pass
+    details = dict(error_details(exc))  # extra_info, or the status detail's JSON line (flight_status)
     text = _clean(str(exc))
     code = details.pop("code", None)
     message = details.pop("message", None)
@@ -302,7 +296,7 @@ class Exchange:
         try:
             self._writer, self._reader = client._flight.do_exchange(
                 flight.FlightDescriptor.for_path(*path), options=client._options(stream=True))
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
         self._schema: pa.Schema | None = None
 
@@ -373,14 +367,14 @@ class IskanderClient:
         """Every model with a READY version (its newest), as ListFlights reports them."""
         try:
             return [ModelInfo.from_flight_info(i) for i in self._flight.list_flights(options=self._options())]
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
 
     def model(self, name: str, version: str | None = None) -> ModelInfo:
         path = (name,) if version is None else (name, version)
         try:
             info = self._flight.get_flight_info(flight.FlightDescriptor.for_path(*path), options=self._options())
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
         return ModelInfo.from_flight_info(info)
 
@@ -424,7 +418,7 @@ class IskanderClient:
         try:
             writer, reader = self._flight.do_exchange(flight.FlightDescriptor.for_path(*path),
                                                       options=self._options(stream=True))
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
         credit = threading.Semaphore(window)
         stop = threading.Event()
@@ -491,7 +485,7 @@ class IskanderClient:
             body = body.encode()
         try:
             results = list(self._flight.do_action(flight.Action(kind, body), options=self._options()))
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
         return json.loads(results[0].body.to_pybytes()) if results else None
 

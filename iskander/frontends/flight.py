@@ -26,7 +26,7 @@ import pyarrow.flight as flight
 from ..auth import TlsFiles, TokenAuth
 from ..core import InferenceCore
 from ..arrow_checks import check_batch
-from ..errors import InvalidInput, ModelNotReady, ResourceExhausted
+from ..errors import InvalidInput, ModelNotReady, ResourceExhausted, Unimplemented
 from ..text import clip
 from ..model_info import describe, repository_index, statistics
 from ..registry import ModelState, ModelVersion
@@ -313,7 +313,7 @@ class FlightFrontend(flight.FlightServerBase):
                 registry.unload(name)
             yield _json_result({"name": name, "versions": repository_index(registry, name=name)})
         else:
-            raise InvalidInput(f"unknown action '{kind}'; actions: {', '.join(ACTIONS)}", action=kind)
+            raise Unimplemented(f"unknown action '{clip(kind)}'; actions: {', '.join(ACTIONS)}", action=clip(kind))
 
 
 class TokenMiddlewareFactory(flight.ServerMiddlewareFactory):

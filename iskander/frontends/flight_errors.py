@@ -41,8 +41,13 @@ import pyarrow.flight as flight
 
 from ..errors import ErrorCode, IskanderError
 from ..observer import new_request_id, observed_request_id
+from ..text import clip
 
 log = logging.getLogger("iskander.flight")
+
+# pyarrow repeats the message ~6 times across the status and its trailers; gRPC clients drop
+# trailers over 8 KiB (soft limit) with RESOURCE_EXHAUSTED, losing the real status
+MAX_MESSAGE_CHARS = 600
 
 # limits a client can wait out: RESOURCE_EXHAUSTED on these goes as UNAVAILABLE (retryable)
 TRANSIENT_LIMITS = frozenset({"max_inflight", "max_concurrent_rpcs", "max_concurrent_streams"})
@@ -96,8 +101,9 @@ def to_flight_error(exc: IskanderError) -> Exception:
     code = exc.code
     if code is ErrorCode.RESOURCE_EXHAUSTED:
         code = ErrorCode.UNAVAILABLE if exc.details.get("limit") in TRANSIENT_LIMITS else ErrorCode.INVALID_ARGUMENT
-    message = f"[{exc.code.value}] {exc.message}"
-    details = exc.to_dict()
+    message = f"[{exc.code.value}] {clip(exc.message, MAX_MESSAGE_CHARS)}"
+    details = {k: clip(v) if isinstance(v, str) and k != "message" else v for k, v in exc.to_dict().items()}
+    details["message"] = clip(exc.message, MAX_MESSAGE_CHARS)
     plain = _PLAIN.get(code)
     if plain is not None:
         return plain(message, details)  # type: ignore[return-value]
