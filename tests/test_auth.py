@@ -104,3 +104,18 @@ def test_flight_needs_a_token(secured):
         assert reader.read_chunk().data.num_rows == 2
         writer.done_writing()
     c.close()
+
+
+@pytest.mark.parametrize("values", [
+    [b"Bearer env-token", b"Bearer wrong"],
+    [b"Bearer wrong", b"Bearer env-token"],
+    [b"Bearer env-token", b"Bearer env-token"],
+])
+def test_flight_refuses_two_authorization_headers(secured, values):
+    """One rule on both frontends (auth.TokenAuth.check_headers): exactly one authorization header.
+    Which of two would win differs between proxies and clients, so neither is trusted."""
+    c = flight.connect(secured.flight_uri)
+    options = flight.FlightCallOptions(headers=[(b"authorization", v) for v in values])
+    with pytest.raises(flight.FlightUnauthenticatedError, match="exactly one"):
+        list(c.list_flights(options=options))
+    c.close()
