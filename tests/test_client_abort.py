@@ -1,0 +1,104 @@
+"""iskander.client must never abort the process when the server refuses a batch (issue 12).
+
+The bug: stream()'s feeder thread called done_writing() while the reader, having received the
+server's refusal, finished the call (which also sends WritesDone); pyarrow's flag for it is not
+locked, gRPC saw two WritesDone and aborted the process ("API misuse of type
+GRPC_CALL_ERROR_TOO_MANY_OPERATIONS"). Large batches make the window wide (the reader's WritesDone
+waits behind a write stuck on flow control): before the fix, 8 of 12 processes of 400 such calls
+aborted. Here several client processes in parallel each make many refused calls, and every one must
+exit 0 having seen only the typed error.
+
+Run this file as a script to be one such client process:
+    python tests/test_client_abort.py HOST:PORT CALLS
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import serving
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG = """\
+[[models]]
+name = "tiny_limit"
+path = "{root}/tabular.onnx"
+max_message_bytes = 2048
+"""
+
+PROCESSES = int(os.environ.get("ISKANDER_ABORT_PROCESSES", "6"))
+CALLS = int(os.environ.get("ISKANDER_ABORT_CALLS", "150"))
+ROWS = 20_000  # ~0.6 MB a batch: past the gRPC flow-control window, so a write blocks while the refusal arrives
+
+
+def client_process(target: str, calls: int) -> int:
+    """Many refused calls through infer() and stream(); print what was seen as JSON."""
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)  # an abort then shows which thread did what
+    from data import tabular_batch
+    from iskander.client import IskanderClient, IskanderClientError, ResourceExhausted
+
+    batch, _ = tabular_batch(ROWS)
+    seen: collections.Counter[str] = collections.Counter()
+    with IskanderClient(target, timeout=30) as client:
+        for i in range(calls):
+            try:
+                if i % 3 == 0:
+                    client.infer("tiny_limit", batch)
+                elif i % 3 == 1:
+                    client.infer("tiny_limit", [batch] * (1 + i % 4))
+                else:
+                    for _ in client.stream("tiny_limit", [batch] * (1 + i % 5), window=1 + i % 4):
+                        pass
+                seen["answered"] += 1
+            except ResourceExhausted as exc:
+                seen["ResourceExhausted" if "max_message_bytes" in exc.message else f"other message: {exc}"] += 1
+            except IskanderClientError as exc:
+                seen[f"{type(exc).__name__}: {exc}"[:200]] += 1
+    print(json.dumps(dict(seen)))
+    return 0 if set(seen) == {"ResourceExhausted"} else 3
+
+
+@pytest.fixture(scope="module")
+def limited(models_dir, tmp_path_factory):
+    with serving(tmp_path_factory.mktemp("abort"), CONFIG.format(root=models_dir)) as server:
+        yield server
+
+
+def test_refused_batches_never_abort_client_processes(limited):
+    target = limited.flight_uri.removeprefix("grpc://")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    started = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, __file__, target, str(CALLS)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+             for _ in range(PROCESSES)]
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=max(5.0, 90 - (time.monotonic() - started)))
+            outputs.append((proc.returncode, out))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    failed = [(code, out[-3000:]) for code, out in outputs if code != 0]
+    assert not failed, f"{len(failed)} of {PROCESSES} client processes failed:\n" + "\n---\n".join(
+        f"exit {code}:\n{out}" for code, out in failed)
+    for _, out in outputs:
+        assert json.loads(out.strip().splitlines()[-1]) == {"ResourceExhausted": CALLS}
+    assert limited.process.poll() is None  # the server is still up
+
+
+if __name__ == "__main__":
+    sys.exit(client_process(sys.argv[1], int(sys.argv[2])))
