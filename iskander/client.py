@@ -333,7 +333,7 @@ class Exchange:
         try:
             self._writer, self._reader = client._flight.do_exchange(
                 flight.FlightDescriptor.for_path(*path), options=client._options(stream=True))
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
         self._schema: pa.Schema | None = None
         self._error: IskanderClientError | None = None  # the error that ended the stream, if one did
@@ -416,14 +416,14 @@ class IskanderClient:
         """Every model with a READY version (its newest), as ListFlights reports them."""
         try:
             return [ModelInfo.from_flight_info(i) for i in self._flight.list_flights(options=self._options())]
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
 
     def model(self, name: str, version: str | None = None) -> ModelInfo:
         path = (name,) if version is None else (name, version)
         try:
             info = self._flight.get_flight_info(flight.FlightDescriptor.for_path(*path), options=self._options())
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
         return ModelInfo.from_flight_info(info)
 
@@ -468,7 +468,7 @@ class IskanderClient:
         try:
             writer, reader = self._flight.do_exchange(flight.FlightDescriptor.for_path(*path),
                                                       options=self._options(stream=True))
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
         # Thread discipline (issue 12): the feeder thread only ever calls begin()/write_batch(). The
         # end of the write side (done_writing) and close() happen on this thread, once the feeder
@@ -594,7 +594,7 @@ class IskanderClient:
             body = body.encode()
         try:
             results = list(self._flight.do_action(flight.Action(kind, body), options=self._options()))
-        except flight.FlightError as exc:
+        except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
         return json.loads(results[0].body.to_pybytes()) if results else None
 
