@@ -110,6 +110,8 @@ _BY_FLIGHT_CLASS: list[tuple[type[flight.FlightError], type[IskanderClientError]
     (flight.FlightCancelledError, Cancelled),
     (flight.FlightInternalError, InternalError),
 ]
+# pyarrow appends this to every status it gets from finishing a call: the text of a server's answer
+_FINISHED = ". gRPC client debug context:"
 _PREFIX = re.compile(r"^\[(?P<code>[A-Z_]+)\] (?P<message>.*)$", re.S)
 # Errors raised by their Arrow status (INVALID_ARGUMENT, NOT_FOUND, UNIMPLEMENTED on the wire)
 # carry no extra_info: their JSON details ride in the status detail, after ". Detail: ".
@@ -465,6 +467,7 @@ class IskanderClient:
         ``InvalidArgument``, ...) and ends the stream."""
         info = info or self.model(model, version)
         path = (info.name,) if version is None else (info.name, version)
+        window = max(1, window)
         try:
             writer, reader = self._flight.do_exchange(flight.FlightDescriptor.for_path(*path),
                                                       options=self._options(stream=True))
@@ -555,15 +558,22 @@ class IskanderClient:
                 exc = failure[0]
                 raise (translate(exc) if isinstance(exc, pa.ArrowException) else exc) from None
             if write_error:
-                # The server ended the call under a write. Its status is what a read returns now
-                # (the feeder has stopped, so this thread is alone on the stream).
+                exc = write_error[0]
+                if _FINISHED in str(exc) or not isinstance(exc, flight.FlightError):
+                    # pyarrow finished the call and this is the server's status, or a local error
+                    # (e.g. a batch whose schema differs from the first) on a live call, which the
+                    # finally block cancels: a read could wait forever for a server awaiting data
+                    raise translate(exc) from None
+                # The call died under a write but its status was not collected ("Cannot close
+                # stream with pending read operation"): a read returns it, and cannot block, since
+                # the call is over. The feeder has stopped: this thread is alone on the stream.
                 try:
                     reader.read_chunk()
                 except StopIteration:
                     pass
-                except (flight.FlightError, pa.ArrowException) as exc:
-                    raise translate(exc) from None
-                raise translate(write_error[0]) from None
+                except (flight.FlightError, pa.ArrowException) as read_exc:
+                    raise translate(read_exc) from None
+                raise translate(exc) from None
             try:
                 writer.done_writing()
                 while True:  # answers sent after the last batch, if any, then the final status

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,6 +99,61 @@ def test_refused_batches_never_abort_client_processes(limited):
     for _, out in outputs:
         assert json.loads(out.strip().splitlines()[-1]) == {"ResourceExhausted": CALLS}
     assert limited.process.poll() is None  # the server is still up
+
+
+def _bounded(call, timeout: float = 30.0):
+    """Run ``call`` in a thread; fail (instead of hanging the suite) if it does not return in time."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(("value", call()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(("error", exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert outcome, f"still running after {timeout}s"
+    return outcome[0]
+
+
+@pytest.fixture(scope="module")
+def client(limited):
+    from iskander.client import IskanderClient
+
+    with IskanderClient(limited.flight_uri.removeprefix("grpc://"), timeout=30) as c:
+        yield c
+
+
+def test_local_write_error_ends_the_stream_instead_of_hanging(client):
+    """A batch whose schema differs from the first fails in pyarrow's writer, on a call the server
+    still holds open: the stream must raise it (cancelling the call), not wait for an answer."""
+    import pyarrow as pa
+
+    from data import tabular_batch
+    from iskander.client import InvalidArgument
+
+    first, _ = tabular_batch(3)
+    second = first.set_column(2, "category", pa.array([1, 2, 3], pa.int32()))  # int32: not a layout cast
+    kind, value = _bounded(lambda: list(client.stream("tiny_limit", [first, second], window=1)))
+    assert kind == "error" and isinstance(value, InvalidArgument), value
+    kind, value = _bounded(lambda: client.infer("tiny_limit", first))  # the connection still works
+    assert kind == "value" and value.num_rows == 3
+
+
+def test_a_refused_exchange_is_spent_and_says_why(client):
+    from data import tabular_batch
+    from iskander.client import ResourceExhausted
+
+    small, _ = tabular_batch(3)
+    big, _ = tabular_batch(ROWS)
+    with client.exchange("tiny_limit") as stream:
+        assert stream.send(small).num_rows == 3
+        with pytest.raises(ResourceExhausted):
+            stream.send(big)
+        with pytest.raises(ResourceExhausted):  # the call is over: no gRPC operation on it again
+            stream.send(small)
 
 
 if __name__ == "__main__":
