@@ -10,6 +10,8 @@ exit 0 having seen only the typed error.
 
 Run this file as a script to be one such client process:
     python tests/test_client_abort.py HOST:PORT CALLS
+and scale the test by hand with ISKANDER_ABORT_PROCESSES (default 6) and ISKANDER_ABORT_CALLS
+(default 150), e.g. 12 and 1500 as in the issue's report.
 """
 
 from __future__ import annotations
@@ -54,10 +56,13 @@ def client_process(target: str, calls: int) -> int:
     with IskanderClient(target, timeout=30) as client:
         for i in range(calls):
             try:
-                if i % 3 == 0:
+                if i % 4 == 0:
                     client.infer("tiny_limit", batch)
-                elif i % 3 == 1:
-                    client.infer("tiny_limit", [batch] * (1 + i % 4))
+                elif i % 4 == 1:
+                    client.infer("tiny_limit", [batch] * (1 + i % 5))
+                elif i % 4 == 3:  # single-threaded: refused, then spent
+                    with client.exchange("tiny_limit") as stream:
+                        stream.send(batch)
                 else:
                     for _ in client.stream("tiny_limit", [batch] * (1 + i % 5), window=1 + i % 4):
                         pass
