@@ -112,17 +112,29 @@ _BY_FLIGHT_CLASS: list[tuple[type[flight.FlightError], type[IskanderClientError]
     (flight.FlightCancelledError, Cancelled),
     (flight.FlightInternalError, InternalError),
 ]
+# pyarrow appends this to every status it gets from finishing a call: the text of a server's answer
+_FINISHED = ". gRPC client debug context:"
 _PREFIX = re.compile(r"^\[(?P<code>[A-Z_]+)\] (?P<message>.*)$", re.S)
+# Errors raised by their Arrow status (INVALID_ARGUMENT, NOT_FOUND, UNIMPLEMENTED on the wire)
+# carry no extra_info: their JSON details ride in the status detail, after ". Detail: ".
+_BY_ARROW_CLASS: list[tuple[type[Exception], type[IskanderClientError]]] = [
+    (pa.ArrowKeyError, NotFound),
+    (pa.ArrowNotImplementedError, Unimplemented),
+    (pa.ArrowInvalid, InvalidArgument),
+    (pa.ArrowTypeError, InvalidArgument),
+]
 
 
 def _clean(text: str) -> str:
     """pyarrow appends '. Detail: ...' and gRPC debug context to the server's message."""
-    return text.split(". Detail:")[0].split(". gRPC client debug context:")[0].strip()
+    text = text.split(". Detail:")[0].split(". gRPC client debug context:")[0].strip()
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text  # KeyError quotes
 
 
-def translate(exc: Exception) -> IskanderClientError:
-    """The client exception for a pyarrow Flight (or Arrow) error."""
-    details = dict(error_details(exc))  # extra_info, or the status detail's JSON line (flight_status)
+def translate(exc: BaseException) -> IskanderClientError:
+    """The client exception for a pyarrow Flight (or Arrow) error: the JSON details from
+    ``extra_info`` or from the last line of an Arrow-status error's detail (flight_status)."""
+    details = dict(error_details(exc))
     text = _clean(str(exc))
     code = details.pop("code", None)
     message = details.pop("message", None)
@@ -134,7 +146,7 @@ def translate(exc: Exception) -> IskanderClientError:
     if cls is None:
         cls = next((c for f, c in _BY_FLIGHT_CLASS if isinstance(exc, f)), None)
     if cls is None:  # e.g. ArrowInvalid raised locally while writing a batch
-        cls = InvalidArgument if isinstance(exc, (pa.ArrowInvalid, pa.ArrowTypeError)) else IskanderClientError
+        cls = next((c for a, c in _BY_ARROW_CLASS if isinstance(exc, a)), IskanderClientError)
     return cls(message or text, details)
 
 
@@ -288,7 +300,8 @@ def _read(source: bytes | str | Path | None) -> bytes | None:
 
 class Exchange:
     """One open DoExchange stream: ``send(batch)`` returns that batch's answer. Not thread-safe; use
-    one per thread. The stream (and its pinned model version) lives until ``close()``."""
+    one per thread. The stream (and its pinned model version) lives until ``close()`` or until a
+    ``send()`` fails: the server ends the call on a refused batch, so later sends raise that error."""
 
     def __init__(self, client: IskanderClient, info: ModelInfo, version: str | None) -> None:
         path = (info.name,) if version is None else (info.name, version)
@@ -299,8 +312,13 @@ class Exchange:
         except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
         self._schema: pa.Schema | None = None
+        self._error: IskanderClientError | None = None  # the error that ended the stream, if one did
 
     def send(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if self._error is not None:
+            # The call is over (the server refused a batch): touching it again would start gRPC
+            # operations on a finished call. Report the error that ended it instead.
+            raise type(self._error)(self._error.message, self._error.details)
         request = conform(batch, self.info.input_schema, self.info.name)
         try:
             if self._schema is None:
@@ -309,16 +327,23 @@ class Exchange:
             self._writer.write_batch(request)
             chunk = self._reader.read_chunk()
         except StopIteration:
-            raise InternalError("the server closed the stream without answering") from None
+            self._error = InternalError("the server closed the stream without answering")
+            raise self._error from None
         except (flight.FlightError, pa.ArrowException) as exc:
-            raise translate(exc) from None
+            # Once a write or read failed the call may be finished (pyarrow finishes it on a server
+            # error): this Exchange is spent; open a new one.
+            self._error = translate(exc)
+            raise self._error from None
         return chunk.data
 
     def close(self) -> None:
         try:
-            if self._schema is None:  # nothing was sent: a stream still needs a schema
-                self._writer.begin(self.info.input_schema)
-            self._writer.done_writing()
+            if self._error is None:  # a failed call already ended its write side: never end it twice
+                if self._schema is None:  # nothing was sent: a stream still needs a schema
+                    self._writer.begin(self.info.input_schema)
+                self._writer.done_writing()
+            else:
+                self._reader.cancel()
             self._writer.close()
         except (flight.FlightError, pa.ArrowException, OSError):
             pass  # an error already reported by send(), or a stream the server ended
@@ -412,19 +437,31 @@ class IskanderClient:
         A background thread writes while this generator reads, keeping at most ``window`` batches
         unanswered, so the server works on the next batch while you handle the last one. ``data``
         may be a lazy iterator (it is consumed as the stream goes). Closing the generator early
-        cancels the stream."""
+        cancels the stream. A batch the server refuses raises the typed error (``ResourceExhausted``,
+        ``InvalidArgument``, ...) and ends the stream."""
         info = info or self.model(model, version)
         path = (info.name,) if version is None else (info.name, version)
+        window = max(1, window)
         try:
             writer, reader = self._flight.do_exchange(flight.FlightDescriptor.for_path(*path),
                                                       options=self._options(stream=True))
         except (flight.FlightError, pa.ArrowException) as exc:
             raise translate(exc) from None
-        credit = threading.Semaphore(window)
-        stop = threading.Event()
-        failure: list[BaseException] = []
+        # Thread discipline (issue 12): the feeder thread only ever calls begin()/write_batch(). The
+        # end of the write side (done_writing) and close() happen on this thread, once the feeder
+        # has stopped and no read is pending. pyarrow's WritesDone flag is not locked: a feeder's
+        # done_writing() racing the reader's own finish (which also sends WritesDone when the
+        # server ends the call) makes gRPC abort the process with GRPC_CALL_ERROR_TOO_MANY_OPERATIONS.
+        state = threading.Condition()
+        sent = 0  # batches fully written
+        answered = 0  # answers read
+        fed = False  # the feeder has stopped (data exhausted, refused write, or failure)
+        stop = False  # this side wants the feeder to stop
+        failure: list[BaseException] = []  # bad data or a failing iterator (not a stream error)
+        write_error: list[BaseException] = []  # the call failed under a write (the server ended it)
 
         def feed() -> None:
+            nonlocal sent, fed
             try:
                 begun = False
                 for batch in as_batches(data):
@@ -432,48 +469,104 @@ class IskanderClient:
                     if not begun:
                         writer.begin(request.schema)
                         begun = True
-                    while not credit.acquire(timeout=0.1):
-                        if stop.is_set():
+                    with state:
+                        while not stop and sent - answered >= window:
+                            state.wait()
+                        if stop:
                             return
-                    if stop.is_set():
-                        return
                     writer.write_batch(request)
+                    with state:
+                        sent += 1
+                        state.notify_all()
                 if not begun:
-                    writer.begin(info.input_schema)
-                writer.done_writing()
-            except (flight.FlightError, pa.ArrowException, OSError):
-                pass  # the stream failed: the reader gets the server's error
+                    writer.begin(info.input_schema)  # an empty stream still carries its schema
+            except (flight.FlightError, pa.ArrowException, OSError) as exc:
+                write_error.append(exc)  # the stream failed: the reader side reports the server's status
             except BaseException as exc:  # bad data or a failing iterator: end the stream, report it
                 failure.append(exc)
-                reader.cancel()
+            finally:
+                with state:
+                    fed = True
+                    state.notify_all()
+
+        def halt() -> None:
+            """Stop the feeder and wait for it: after this, only this thread touches the stream."""
+            nonlocal stop
+            with state:
+                stop = True
+                state.notify_all()
+            if feeder.is_alive():
+                reader.cancel()  # TryCancel is thread-safe; it unblocks a write stuck on flow control
+            feeder.join()
 
         feeder = threading.Thread(target=feed, name="iskander-client-feed", daemon=True)
         feeder.start()
+        completed = False
         try:
             while True:
+                with state:
+                    while answered >= sent and not fed:
+                        state.wait()
+                    if answered >= sent and fed:
+                        break
+                # an answer is due (a written batch is unanswered): read it
                 try:
                     chunk = reader.read_chunk()
                 except StopIteration:
-                    break
+                    halt()
+                    raise InternalError(f"the server ended the stream with {sent - answered} "
+                                        "batch(es) unanswered") from None
                 except (flight.FlightError, pa.ArrowException) as exc:
+                    halt()
                     if failure:
-                        break
+                        break  # our own cancel after bad data: report the data's error below
                     raise translate(exc) from None
-                credit.release()
-                if chunk.data is not None:
-                    yield chunk.data
+                if chunk.data is None:
+                    continue  # metadata only
+                with state:
+                    answered += 1
+                    state.notify_all()
+                yield chunk.data
+            halt()
+            if failure:
+                exc = failure[0]
+                raise (translate(exc) if isinstance(exc, pa.ArrowException) else exc) from None
+            if write_error:
+                exc = write_error[0]
+                if _FINISHED in str(exc) or not isinstance(exc, flight.FlightError):
+                    # pyarrow finished the call and this is the server's status, or a local error
+                    # (e.g. a batch whose schema differs from the first) on a live call, which the
+                    # finally block cancels: a read could wait forever for a server awaiting data
+                    raise translate(exc) from None
+                # The call died under a write but its status was not collected ("Cannot close
+                # stream with pending read operation"): a read returns it, and cannot block, since
+                # the call is over. The feeder has stopped: this thread is alone on the stream.
+                try:
+                    reader.read_chunk()
+                except StopIteration:
+                    pass
+                except (flight.FlightError, pa.ArrowException) as read_exc:
+                    raise translate(read_exc) from None
+                raise translate(exc) from None
+            try:
+                writer.done_writing()
+                while True:  # answers sent after the last batch, if any, then the final status
+                    chunk = reader.read_chunk()
+                    if chunk.data is not None:
+                        yield chunk.data
+            except StopIteration:
+                pass
+            except (flight.FlightError, pa.ArrowException) as exc:
+                raise translate(exc) from None
+            completed = True
         finally:
-            stop.set()
-            if feeder.is_alive():
-                reader.cancel()
-            feeder.join()
+            halt()
+            if not completed:
+                reader.cancel()  # an error, bad data, or a consumer that stopped early: not a clean end
             try:
                 writer.close()
             except (flight.FlightError, pa.ArrowException, OSError):
-                pass
-        if failure:
-            exc = failure[0]
-            raise (translate(exc) if isinstance(exc, pa.ArrowException) else exc) from None
+                pass  # the error already raised, or a stream the server ended
 
     # --- actions ---
 

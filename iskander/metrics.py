@@ -14,11 +14,17 @@ doing that work in bursts tripled OIP's p99 in bench/overhead.py). So:
   once more: the SDK runs observable callbacks before it reads synchronous instruments).
 Each exporter has its own MeterProvider, so the histogram names never appear twice on /metrics.
 docs/observability.md lists each metric with its nearest Triton ``nv_inference_*`` equivalent.
+
+/metrics can require ``authorization: Bearer <token>`` (``[observability] metrics_auth_token`` or
+the ISKANDER_METRICS_TOKEN environment variable; either token is accepted): without it every scrape
+gets 401 with ``WWW-Authenticate: Bearer``. docs/security.md says what the endpoint exposes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -27,6 +33,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 
+from .auth import TokenAuth
 from .stats import BATCH_BOUNDS, DURATION_BOUNDS_NS
 
 if TYPE_CHECKING:
@@ -39,6 +46,7 @@ log = logging.getLogger("iskander.metrics")
 DURATION_BUCKETS_S = tuple(b / 1e9 for b in DURATION_BOUNDS_NS)
 BATCH_BUCKETS = tuple(float(b) for b in BATCH_BOUNDS)
 DRAIN_INTERVAL_S = 0.2
+METRICS_TOKEN_ENV = "ISKANDER_METRICS_TOKEN"
 
 # name (as in ModelStats) -> (OpenTelemetry name, unit, description); Prometheus adds _seconds etc.
 HISTOGRAMS = {
@@ -157,12 +165,17 @@ class Metrics:
             self._drainer.start()
         if self.settings.metrics_port is None:
             return
-        from prometheus_client import start_http_server
+        from prometheus_client import make_wsgi_app
 
         bind = self.settings.metrics_host or host
-        self._http, _ = start_http_server(self.settings.metrics_port, addr=bind, registry=self.registry)
+        auth = metrics_auth(self.settings)
+        app = make_wsgi_app(self.registry)
+        if auth.enabled:
+            app = bearer_protected(app, auth)
+        self._http = _serve_wsgi(bind, self.settings.metrics_port, app)
         self.port = self._http.server_port
-        log.info("Prometheus metrics on http://%s:%d/metrics", bind, self.port)
+        log.info("Prometheus metrics on http://%s:%d/metrics%s", bind, self.port,
+                 " (bearer token required)" if auth.enabled else "")
 
     def _drain_loop(self) -> None:
         while not self._stopping.wait(DRAIN_INTERVAL_S):
@@ -247,6 +260,50 @@ class Metrics:
 
 
 _QUEUED = "Requests waiting in the dynamic-batching queue (nv_inference_pending_request_count)."
+
+
+def metrics_auth(settings: ObservabilitySettings) -> TokenAuth:
+    """The tokens /metrics accepts: the config's and the environment's (none = open)."""
+    tokens = {settings.metrics_auth_token, os.environ.get(METRICS_TOKEN_ENV, "").strip()}
+    return TokenAuth({t.encode() for t in tokens if t})
+
+
+def bearer_protected(app: Callable[..., Any], auth: TokenAuth) -> Callable[..., Any]:
+    """A WSGI app that answers 401 unless the request has one valid ``authorization: Bearer``.
+
+    wsgiref joins repeated headers with commas, so two ``authorization`` headers never pass:
+    the same rule as the gRPC frontends (TokenAuth.check_headers)."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        header = environ.get("HTTP_AUTHORIZATION")
+        if header is not None and auth.check_headers([header]):
+            return app(environ, start_response)
+        # RFC 6750: no credentials -> just the scheme; wrong ones -> error="invalid_token"
+        challenge = 'Bearer realm="iskander-metrics"' + ("" if header is None else ', error="invalid_token"')
+        body = b"401 Unauthorized: /metrics needs 'authorization: Bearer <token>'\n"
+        start_response("401 Unauthorized", [("WWW-Authenticate", challenge), ("Content-Type", "text/plain"),
+                                            ("Content-Length", str(len(body)))])
+        return [body]
+
+    return guarded
+
+
+def _serve_wsgi(addr: str, port: int, app: Callable[..., Any]) -> Any:
+    """prometheus_client's start_http_server, with our app (it takes no WSGI middleware)."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM)[0][0]
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - no access log on stderr
+            pass
+
+    httpd = make_server(addr, port, app, Server, handler_class=QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd
 
 
 class _HistogramCollector:

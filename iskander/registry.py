@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable
 
@@ -21,8 +22,17 @@ from .onnx_backend import OnnxBackend
 from .batcher import Batcher
 from .settings import ModelSettings
 from .stats import ModelStats
+from .text import clip
 
 log = logging.getLogger("iskander.registry")
+
+
+_VERSION = re.compile(r"0|[1-9][0-9]{0,17}")  # [0-9] is ASCII only, unlike \d; 18 digits fit an int64
+
+
+def is_version_string(text: str) -> bool:
+    """Whether a client's version string is canonical: "0", or digits without a leading zero."""
+    return _VERSION.fullmatch(text) is not None
 
 
 class ModelState(enum.Enum):
@@ -188,25 +198,26 @@ class ModelRegistry:
         return [v for name in self.names() for v in self.versions(name)]
 
     def find(self, name: str, version: str | None = None) -> ModelVersion:
-        """The entry for ``name``/``version`` whatever its state; the newest version when unset."""
+        """The entry for ``name``/``version`` whatever its state; the newest version when unset.
+
+        A version is the canonical decimal text of a configured number: ASCII digits, no sign,
+        no spaces, no leading zero (" 1", "+1", "01", "1 " and a fullwidth "１" name no version,
+        although Python's int() accepts them all)."""
         versions = self._entries.get(name)
         if not versions:
             raise ModelNotFound(
-                f"unknown model '{name}'; served models: {', '.join(self.names()) or '(none)'}",
-                model=name,
+                f"unknown model '{clip(name)}'; served models: {', '.join(self.names()) or '(none)'}",
+                model=clip(name),
             )
         if not version:
             ready = [v for k, v in sorted(versions.items()) if v.state is ModelState.READY]
             return ready[-1] if ready else versions[max(versions)]
-        try:
-            entry = versions.get(int(version))
-        except ValueError:
-            entry = None
+        entry = versions.get(int(version)) if is_version_string(version) else None
         if entry is None:
             raise ModelNotFound(
-                f"model '{name}' has no version '{version}'; versions: "
+                f"model '{name}' has no version '{clip(version)}'; versions: "
                 f"{', '.join(str(k) for k in sorted(versions))}",
-                model=name, version=version,
+                model=name, version=clip(version),
             )
         return entry
 
