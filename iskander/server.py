@@ -53,6 +53,7 @@ class IskanderServer:
         self.grpc_server, self.grpc_port, self.health = make_grpc_server(
             self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes, s.request_timeout_s,
             auth=auth, health_open=s.auth_health_open, tls=tls, max_stream_rows=s.max_stream_rows,
+            max_concurrent_rpcs=s.max_concurrent_rpcs, max_concurrent_streams=s.max_concurrent_streams,
         )
         self.flight_server = make_flight_server(
             self.core, s.host, s.flight_port, s.max_message_bytes, s.request_timeout_s, auth=auth, tls=tls,
