@@ -421,3 +421,29 @@ def test_exactly_one_valid_authorization_header(secured, models_dir, headers, ok
         if ok:
             np.testing.assert_array_equal(score(stub.ModelInfer(req, metadata=headers, timeout=10)),
                                           reference(models_dir / "two_tower.onnx", feeds)["score"])
+
+
+def test_sigterm_with_idle_oip_streams_exits_0_within_grace(models_dir, tmp_path):
+    """Idle ModelStreamInfer streams are cancelled when the grace period ends; repeated so that a
+    race between the loop thread and shutdown would show."""
+    import signal
+
+    from iskander.launch import spawn_server
+
+    config = tmp_path / "config.toml"
+    config.write_text("[server]\ngrace_seconds = 1.0\n" + MODELS.format(root=models_dir))
+    for attempt in range(3):
+        server = spawn_server(config, tmp_path / f"server{attempt}.log")
+        try:
+            with channel(server) as ch:
+                idle = OpenStreams(ch, 4, first=tabular_request(1))
+                idle.answer_first()
+                t0 = time.monotonic()
+                server.process.send_signal(signal.SIGTERM)
+                code = server.process.wait(timeout=10)
+                took = time.monotonic() - t0
+                idle.close()
+            assert code == 0, server.log()
+            assert took < 1.0 + 1.0 + 0.5, took  # grace + 1 s, plus process teardown
+        finally:
+            server.stop()

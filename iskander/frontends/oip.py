@@ -626,7 +626,7 @@ class LoopHealth:
         self.loop = loop
 
     def set(self, service: str, status: int) -> None:
-        if self.loop.is_closed():
+        if not self.loop.is_running():  # stopped: nothing would run the update
             return
         try:
             running = asyncio.get_running_loop()
