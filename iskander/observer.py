@@ -110,7 +110,7 @@ class Observer:
         try:
             yield call
         except BaseException as exc:
-            self.tracing.end(call.span, error_code(exc), str(getattr(exc, "message", exc)))
+            self.tracing.end(call.span, error_code(exc), clip(getattr(exc, "message", exc), MAX_LOGGED_MESSAGE))
             raise
         self.tracing.end(call.span)
 
@@ -122,7 +122,8 @@ class Observer:
         if self.metrics is not None:
             self.metrics.rpc_failure(protocol, method, code)
         if log.isEnabledFor(logging.WARNING):
-            message = clip(exc.message, MAX_LOGGED_MESSAGE) if isinstance(exc, IskanderError) else "internal server error"
+            message = clip(exc.message, MAX_LOGGED_MESSAGE) if isinstance(exc, IskanderError) \
+                else "internal server error"
             log.warning(
                 "%s %s failed: %s %s", protocol, method, code, message,
                 extra={"request_id": request_id, "protocol": protocol, "method": method, "status": code},
@@ -168,7 +169,8 @@ class Observer:
         if call.span is not None:
             call.span.set_attribute("iskander.version", entry.version)
         if log.isEnabledFor(logging.WARNING):
-            message = clip(exc.message, MAX_LOGGED_MESSAGE) if isinstance(exc, IskanderError) else "internal server error"
+            message = clip(exc.message, MAX_LOGGED_MESSAGE) if isinstance(exc, IskanderError) \
+                else "internal server error"
             log.warning(
                 "%s %s model=%s version=%s status=%s duration_ms=%.3f: %s", call.protocol, call.method, entry.name,
                 entry.version, code, total / 1e6, message,
