@@ -134,6 +134,8 @@ def probe_latencies(ch: grpc.Channel, probes: int = 15) -> dict[str, list[float]
 
 
 def assert_health_fast(latencies: dict[str, list[float]]) -> None:
+    print("probe ms (median/max):", {k: (round(statistics.median(v) * 1e3, 1), round(max(v) * 1e3, 1))
+                                     for k, v in latencies.items()})
     for name, values in latencies.items():
         median = statistics.median(values)
         assert median < HEALTH_BOUND_S, (name, median, values)
