@@ -21,6 +21,7 @@ import attrs
 
 from .errors import ErrorCode, IskanderError
 from .stats import Execution
+from .text import clip
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from .tracing import Tracing
 
 log = logging.getLogger("iskander.requests")
+
+# Error messages can quote client text (names, shapes); one request must not make a huge log line.
+MAX_LOGGED_MESSAGE = 2048
 
 _ID_PREFIX = f"{os.getpid():x}{secrets.token_hex(3)}"
 _ids = itertools.count(1)
@@ -97,6 +101,7 @@ class Observer:
         if self.tracing is None:
             yield call
             return
+        model = clip(model)  # client text: bounded before it reaches a span
         call.span = self.tracing.start_request(
             f"{method} {model}", carrier() if carrier is not None else None, received_ns,
             {"rpc.system": "grpc", "rpc.method": method, "iskander.protocol": protocol, "iskander.model": model,
@@ -105,7 +110,7 @@ class Observer:
         try:
             yield call
         except BaseException as exc:
-            self.tracing.end(call.span, error_code(exc), str(getattr(exc, "message", exc)))
+            self.tracing.end(call.span, error_code(exc), clip(getattr(exc, "message", exc), MAX_LOGGED_MESSAGE))
             raise
         self.tracing.end(call.span)
 
@@ -117,7 +122,8 @@ class Observer:
         if self.metrics is not None:
             self.metrics.rpc_failure(protocol, method, code)
         if log.isEnabledFor(logging.WARNING):
-            message = exc.message if isinstance(exc, IskanderError) else "internal server error"
+            message = clip(exc.message, MAX_LOGGED_MESSAGE) if isinstance(exc, IskanderError) \
+                else "internal server error"
             log.warning(
                 "%s %s failed: %s %s", protocol, method, code, message,
                 extra={"request_id": request_id, "protocol": protocol, "method": method, "status": code},
@@ -163,7 +169,8 @@ class Observer:
         if call.span is not None:
             call.span.set_attribute("iskander.version", entry.version)
         if log.isEnabledFor(logging.WARNING):
-            message = exc.message if isinstance(exc, IskanderError) else "internal server error"
+            message = clip(exc.message, MAX_LOGGED_MESSAGE) if isinstance(exc, IskanderError) \
+                else "internal server error"
             log.warning(
                 "%s %s model=%s version=%s status=%s duration_ms=%.3f: %s", call.protocol, call.method, entry.name,
                 entry.version, code, total / 1e6, message,

@@ -55,6 +55,7 @@ class IskanderServer:
         self.grpc_server, self.grpc_port, self.health = make_grpc_server(
             self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes, s.request_timeout_s,
             auth=auth, health_open=s.auth_health_open, tls=tls, max_stream_rows=s.max_stream_rows,
+            max_concurrent_rpcs=s.max_concurrent_rpcs, max_concurrent_streams=s.max_concurrent_streams,
         )
         # pyarrow's server is listening once constructed. Its serve() only blocks, and it installs
         # its own SIGINT/SIGTERM handlers (ServeWithSignals), racing ours: it is never called.

@@ -2,34 +2,36 @@
 
 Translates OIP tensors to an Arrow RecordBatch (the contract's input columns), calls the core, and
 encodes the output columns as ``raw_output_contents``. RPCs not implemented here answer
-UNIMPLEMENTED (the generated base class does that).
+UNIMPLEMENTED with the feature they belong to. Served by grpc.aio (see "the asyncio gRPC server").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
-
+import asyncio
 import threading
 import time
 import weakref
+from collections.abc import Callable, Sequence
+from concurrent import futures
 from typing import Any
 
 import grpc
 import numpy as np
 import pyarrow as pa
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import _async as health_aio  # grpc_health's asyncio servicer (health.aio)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .._proto import grpc_service_pb2 as pb
-from .._proto import grpc_service_pb2_grpc as pb_grpc
 from ..auth import TlsFiles, TokenAuth
 from ..core import SERVER_NAME, InferenceCore, server_version
 from ..errors import InvalidInput, IskanderError, ResourceExhausted
 from ..model_info import ready_versions, repository_index, statistics
-from ..observer import Call
+from ..observer import Call, new_request_id
 from ..registry import ModelState, ModelVersion
+from ..text import clip
 from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape, oip_view, passthrough_lists
-from .oip_errors import grpc_errors, log
+from .oip_errors import abort_with, bounded, log
 from .oip_model_config import model_config, model_statistics
 
 # Advertise only what is implemented (perf_analyzer and clients read this list).
@@ -112,7 +114,10 @@ class _ModelCodec:
         return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields))
 
 
-class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+class OipServicer:
+    """The OIP v2 RPCs as plain blocking methods that raise Iskander errors: no gRPC context in here.
+    ``AioOip`` decides where each runs (event loop or thread pool) and maps errors to statuses."""
+
     def __init__(self, core: InferenceCore, request_timeout_s: float = 0.0, max_stream_rows: int = 0) -> None:
         self.core = core
         self.request_timeout_s = request_timeout_s
@@ -131,34 +136,25 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._codecs[key] = codec
         return codec
 
-    # --- health and metadata ----------------------------------------------------------------------
+    # --- health and metadata (cheap, lock-free reads: answered on the event loop) ------------------
 
-    @grpc_errors
-    def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+    def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.core.live)
 
-    @grpc_errors
-    def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+    def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.core.ready())
 
-    @grpc_errors
-    def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+    def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         try:
             entry = self.core.registry.find(request.name, request.version or None)
         except Exception:  # unknown model or version: not ready (Triton answers the same)
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=entry.state is ModelState.READY)
 
-    @grpc_errors
-    def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
-    ) -> pb.ServerMetadataResponse:
+    def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS))
 
-    @grpc_errors
-    def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
-    ) -> pb.ModelMetadataResponse:
+    def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
         entry = self.core.model(request.name, request.version or None)
         assert entry.contract is not None
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -173,7 +169,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                                              skip=passthrough_lists(entry.contract.passthrough))],
         )
 
-    # --- inference --------------------------------------------------------------------------------
+    # --- inference (blocking: decode, onnxruntime, encode; run in the thread pool) -----------------
 
     def _decode(
         self, request: pb.ModelInferRequest, codec: _ModelCodec, model: str
@@ -197,9 +193,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             decoder = codec.decoders.get(tensor.name)
             if decoder is None:
                 raise InvalidInput(
-                    f"unexpected inference input '{tensor.name}' for model '{model}'; inputs: "
+                    f"unexpected inference input '{clip(tensor.name)}' for model '{model}'; inputs: "
                     f"{', '.join(codec.order)}",
-                    model=model, column=tensor.name,
+                    model=model, column=clip(tensor.name),
                 )
             if tensor.name in arrays:
                 raise InvalidInput(f"input '{tensor.name}' is given twice for model '{model}'", model=model)
@@ -230,18 +226,20 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         return arrays, rows or 0
 
-    def _deadline(self, context: grpc.ServicerContext) -> float | None:
+    def deadline(self, time_remaining: float | None) -> float | None:
         """The earlier of the client's gRPC deadline and the server's request_timeout_s (monotonic)."""
         now = time.monotonic()
         candidates = []
-        remaining = context.time_remaining()
-        if remaining is not None:
-            candidates.append(now + remaining)
+        if time_remaining is not None:
+            candidates.append(now + time_remaining)
         if self.request_timeout_s:
             candidates.append(now + self.request_timeout_s)
         return min(candidates) if candidates else None
 
-    def infer(self, request: pb.ModelInferRequest, call: Call, deadline: float | None = None) -> pb.ModelInferResponse:
+    def infer(
+        self, request: pb.ModelInferRequest, call: Call, deadline: float | None = None,
+        stream: _StreamRows | None = None,
+    ) -> pb.ModelInferResponse:
         model = request.model_name
         entry = self.core.model(model, request.model_version or None)
         codec = self._codec(entry)
@@ -259,6 +257,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             self.core.record_failure(entry, call, exc)
             raise
+        if stream is not None:  # counted only once the shapes are validated
+            stream.add(rows, entry.settings.max_stream_rows or self.max_stream_rows, model)
         requested: Sequence[str] = list(dict.fromkeys(o.name for o in request.outputs))
         if codec.plain:
             return self._infer_plain(entry, codec, request, arrays, rows, requested, call, deadline)
@@ -271,8 +271,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         raw_outputs = []
         for name in names:
             if name not in columns:
-                raise InvalidInput(f"output '{name}' of model '{model}' has no OIP datatype; read it over Flight",
-                                   model=model, output=name)
+                raise InvalidInput(f"output '{clip(name)}' of model '{model}' has no OIP datatype; read it over "
+                                   "Flight", model=model, output=clip(name))
             datatype, shape, data = encode_column(columns[name])
             response.outputs.add(name=name, datatype=datatype, shape=shape)
             raw_outputs.append(data)
@@ -294,147 +294,318 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         response.raw_output_contents.extend(raw_outputs)
         return response
 
-    @grpc_errors
-    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        received = time.perf_counter_ns()
-        with self.core.observer.call("grpc", "ModelInfer", received, request.model_name, _carrier(context)) as call:
-            return self.infer(request, call, self._deadline(context))
+    def ModelInfer(
+        self, request: pb.ModelInferRequest | bytes, deadline: float | None = None, received: int | None = None,
+        metadata: Sequence[tuple[str, Any]] | None = None,
+    ) -> pb.ModelInferResponse:
+        received = received or time.perf_counter_ns()
+        if isinstance(request, bytes):
+            request = _parse(pb.ModelInferRequest, request, "ModelInfer")
+        with self.core.observer.call("grpc", "ModelInfer", received, request.model_name, _carrier(metadata)) as call:
+            return self.infer(request, call, deadline)
 
-    def ModelStreamInfer(
-        self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.ModelStreamInferResponse]:
-        """Answers each request in order on the stream; a failed request gets ``error_message`` and
-        the stream stays open for the next."""
-        stream_rows = 0
-        for request in request_iterator:
-            received = time.perf_counter_ns()
-            stream_rows += max((int(t.shape[0]) for t in request.inputs if len(t.shape)), default=0)
-            limit = self._stream_rows_limit(request.model_name)
-            if limit and stream_rows > limit:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"stream for model '{request.model_name}' carried {stream_rows} rows, more than "
-                    f"max_stream_rows ({limit}); open a new stream",
-                )
-            observer = self.core.observer
-            try:
-                with observer.call("grpc", "ModelStreamInfer", received, request.model_name, _carrier(context)) as call:
-                    response = self.infer(request, call, self._deadline(context))
-            except IskanderError as exc:
-                observer.unattributed_failure("grpc", "ModelStreamInfer", exc, call.request_id)
-                message = exc.message
-            except Exception as exc:  # noqa: BLE001 - one bad request must not end the stream
-                log.exception("internal error in ModelStreamInfer (request id %s)", call.request_id)
-                observer.unattributed_failure("grpc", "ModelStreamInfer", exc, call.request_id)
-                message = f"internal server error (request id {call.request_id})"
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
-                continue
-            yield pb.ModelStreamInferResponse(
-                error_message=message,
-                infer_response=pb.ModelInferResponse(
-                    model_name=request.model_name, model_version=request.model_version, id=request.id
-                ),
-            )
-
-    def _stream_rows_limit(self, model: str) -> int:
+    def stream_step(
+        self, raw: bytes, stream: _StreamRows, time_remaining: float | None, received: int,
+        metadata: Sequence[tuple[str, Any]] | None,
+    ) -> bytes:
+        """One ModelStreamInfer request -> the serialized answer. A failed request gets
+        ``error_message`` and the stream stays open for the next; only the stream's row limit ends
+        the stream (raises _StreamLimit)."""
+        observer = self.core.observer
+        request = None
+        call = None
         try:
-            own = self.core.registry.find(model).settings.max_stream_rows
-        except IskanderError:
-            own = None  # unknown model: the request itself will say so
-        return own or self.max_stream_rows
+            request = _parse(pb.ModelInferRequest, raw, "ModelStreamInfer")
+            with observer.call("grpc", "ModelStreamInfer", received, request.model_name, _carrier(metadata)) as call:
+                response = self.infer(request, call, self.deadline(time_remaining), stream)
+            return pb.ModelStreamInferResponse(infer_response=response).SerializeToString()
+        except _StreamLimit:
+            raise
+        except IskanderError as exc:
+            observer.unattributed_failure("grpc", "ModelStreamInfer", exc, call.request_id if call else None)
+            message = bounded(exc.message)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end the stream
+            request_id = call.request_id if call else new_request_id()
+            log.exception("internal error in ModelStreamInfer (request id %s)", request_id)
+            observer.unattributed_failure("grpc", "ModelStreamInfer", exc, request_id)
+            message = f"internal server error (request id {request_id})"
+        echo = pb.ModelInferResponse()
+        if request is not None:  # Triton echoes these so a client can match the error to its request
+            echo = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                         id=request.id)
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=echo).SerializeToString()
 
     # --- Triton extensions: configuration, statistics, repository ------------------------------
 
-    @grpc_errors
-    def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
+    def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
         entry = self.core.model(request.name, request.version or None)
         return pb.ModelConfigResponse(config=model_config(entry, self.core.registry, self.core.max_batch_size(entry)))
 
-    @grpc_errors
-    def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
-    ) -> pb.ModelStatisticsResponse:
+    def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
         snapshots = statistics(self.core.registry, request.name or None, request.version or None)
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(s) for s in snapshots])
 
-    @grpc_errors
-    def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
-    ) -> pb.RepositoryIndexResponse:
+    def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(
             models=[index(**m) for m in repository_index(self.core.registry, ready_only=request.ready)]
         )
 
-    @grpc_errors
-    def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext
-    ) -> pb.RepositoryModelLoadResponse:
+    def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
         overrides = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
         if overrides:
             raise InvalidInput(
-                f"load of model '{request.model_name}' carries '{overrides[0]}'; Iskander loads only models "
-                "from its configuration and accepts no config or file overrides from clients",
-                model=request.model_name,
+                f"load of model '{clip(request.model_name)}' carries '{clip(overrides[0])}'; Iskander loads only "
+                "models from its configuration and accepts no config or file overrides from clients",
+                model=clip(request.model_name),
             )
         self.core.registry.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    @grpc_errors
-    def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
-    ) -> pb.RepositoryModelUnloadResponse:
+    def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
         self.core.registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
-def _carrier(context: grpc.ServicerContext) -> Callable[[], dict[str, str]]:
-    """gRPC metadata as a W3C trace-context carrier (read only when tracing is on)."""
-    return lambda: {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+class _StreamLimit(Exception):
+    """The stream carried more rows than max_stream_rows: the stream ends RESOURCE_EXHAUSTED."""
 
 
-def _unimplemented(method: str, feature: str):
-    def handler(self: OipServicer, request: object, context: grpc.ServicerContext) -> None:
-        context.abort(
+class _StreamRows:
+    """Rows one ModelStreamInfer stream has carried; touched by one pool thread at a time (a
+    stream's requests are answered in order)."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int, limit: int, model: str) -> None:
+        self.rows += rows
+        if limit and self.rows > limit:
+            raise _StreamLimit(f"stream for model '{clip(model)}' carried {self.rows} rows, more than "
+                               f"max_stream_rows ({limit}); open a new stream")
+
+
+def _parse(message_type: type, raw: bytes, method: str) -> Any:
+    """Request bytes -> message; bytes that are not one are the client's mistake, not INTERNAL."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        raise InvalidInput(f"{method}: the request is not a valid {message_type.DESCRIPTOR.full_name} "
+                           f"message ({len(raw)} bytes)") from None
+
+
+def _carrier(metadata: Sequence[tuple[str, Any]] | None) -> Callable[[], dict[str, str]] | None:
+    """gRPC metadata as a W3C trace-context carrier (captured only when tracing is on)."""
+    if metadata is None:
+        return None
+    return lambda: {k: v for k, v in metadata if isinstance(v, str)}
+
+
+# --- the asyncio gRPC server --------------------------------------------------------------------
+#
+# One event loop in its own thread serves every connection. Health, liveness, readiness and metadata
+# are answered on the loop; inference (decode + onnxruntime + encode, blocking) runs in a pool of
+# grpc_workers threads. An idle stream is a suspended coroutine, so streams cannot starve anything.
+
+_SERVICE = "inference.GRPCInferenceService"
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# cheap reads answered on the loop; every other implemented unary RPC runs in the pool
+_ON_LOOP = frozenset({"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+                      "ModelStatistics", "RepositoryIndex"})
+_IN_POOL = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
+
+
+class _Undecodable:
+    """What a request deserializer returns for bytes that are not the message, so the handler
+    answers INVALID_ARGUMENT (grpc's own path would answer INTERNAL)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _deserializer(message_type: type) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError:
+            return _Undecodable(len(raw))
+
+    return parse
+
+
+class Admission:
+    """Transport admission: inference calls (unary and streams) open at once, and of those,
+    streams. Touched only on the event loop, so plain counters suffice."""
+
+    def __init__(self, max_rpcs: int, max_streams: int) -> None:
+        self.max_rpcs = max_rpcs
+        self.max_streams = max_streams
+        self.rpcs = 0
+        self.streams = 0
+
+    def refusal(self, stream: bool) -> str | None:
+        """None when admitted (and counted); otherwise why not."""
+        if self.max_rpcs and self.rpcs >= self.max_rpcs:
+            return (f"server busy: {self.rpcs} inference calls open, the limit is max_concurrent_rpcs "
+                    f"({self.max_rpcs}); retry later")
+        if stream and self.max_streams and self.streams >= self.max_streams:
+            return (f"server busy: {self.streams} ModelStreamInfer streams open, the limit is max_concurrent_streams "
+                    f"({self.max_streams}); retry later or reuse a stream")
+        self.rpcs += 1
+        self.streams += stream
+        return None
+
+    def leave(self, stream: bool) -> None:
+        self.rpcs -= 1
+        self.streams -= stream
+
+
+class AioOip:
+    """gRPC handlers for the inference service on a grpc.aio server."""
+
+    def __init__(self, servicer: OipServicer, pool: futures.ThreadPoolExecutor, admission: Admission) -> None:
+        self.servicer = servicer
+        self.observer = servicer.core.observer
+        self.pool = pool
+        self.admission = admission
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method in service.methods:
+            name = method.name
+            request_type = getattr(pb, method.input_type.name)
+            if name == "ModelInfer":
+                # request_streaming so that admission decides before the payload is read; raw bytes in
+                # and out so that parsing and serializing run in the pool, not on the loop
+                handlers[name] = grpc.stream_unary_rpc_method_handler(self._model_infer)
+            elif name == "ModelStreamInfer":
+                handlers[name] = grpc.stream_stream_rpc_method_handler(self._model_stream_infer)
+            elif name in _ON_LOOP or name in _IN_POOL:
+                handlers[name] = grpc.unary_unary_rpc_method_handler(
+                    self._unary(name, getattr(self.servicer, name), in_pool=name in _IN_POOL),
+                    request_deserializer=_deserializer(request_type),
+                    response_serializer=lambda m: m.SerializeToString(),
+                )
+            else:
+                handlers[name] = grpc.unary_unary_rpc_method_handler(
+                    _unimplemented(name, _UNIMPLEMENTED.get(name, name)),
+                    request_deserializer=lambda raw: raw,
+                )
+        return grpc.method_handlers_generic_handler(_SERVICE, handlers)
+
+    def _unary(self, name: str, method: Callable[[Any], Any], in_pool: bool):  # type: ignore[no-untyped-def]
+        async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{name}: the request is not a valid message ({request.size} bytes)")
+            try:
+                if in_pool:
+                    return await asyncio.get_running_loop().run_in_executor(self.pool, method, request)
+                return method(request)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status once, in oip_errors
+                await abort_with(context, exc, self.observer, name)
+
+        return handler
+
+    async def _enter(self, context: grpc.aio.ServicerContext, stream: bool) -> None:
+        refusal = self.admission.refusal(stream)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+
+    def _metadata(self, context: grpc.aio.ServicerContext) -> Sequence[tuple[str, Any]] | None:
+        return context.invocation_metadata() if self.observer.tracing is not None else None
+
+    async def _model_infer(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> bytes:
+        received = time.perf_counter_ns()
+        await self._enter(context, stream=False)
+        try:
+            raw = await context.read()
+            if raw is grpc.aio.EOF:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ModelInfer: no request message")
+            received = time.perf_counter_ns()
+            deadline = self.servicer.deadline(context.time_remaining())
+            try:
+                response = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, _infer_bytes, self.servicer, raw, deadline, received, self._metadata(context)
+                )
+            except Exception as exc:  # noqa: BLE001 - mapped to a status once, in oip_errors
+                await abort_with(context, exc, self.observer, "ModelInfer")
+            return response
+        finally:
+            self.admission.leave(stream=False)
+
+    async def _model_stream_infer(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """Answers each request in order on the stream; a failed request gets ``error_message`` and
+        the stream stays open for the next."""
+        await self._enter(context, stream=True)
+        try:
+            loop = asyncio.get_running_loop()
+            rows = _StreamRows()
+            metadata = self._metadata(context)
+            while True:
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    return
+                received = time.perf_counter_ns()
+                try:
+                    answer = await loop.run_in_executor(
+                        self.pool, self.servicer.stream_step, raw, rows, context.time_remaining(), received, metadata
+                    )
+                except _StreamLimit as exc:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                await context.write(answer)
+        finally:
+            self.admission.leave(stream=True)
+
+
+def _infer_bytes(
+    servicer: OipServicer, raw: bytes, deadline: float | None, received: int, metadata: Any
+) -> bytes:
+    return servicer.ModelInfer(raw, deadline, received, metadata).SerializeToString()
+
+
+def _unimplemented(method: str, feature: str):  # type: ignore[no-untyped-def]
+    async def handler(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
             f"{method}: Iskander does not implement {feature}"
             + ("; send tensors in the request" if "memory" in feature else ""),
         )
 
-    handler.__name__ = method
     return handler
-
-
-for _method, _feature in _UNIMPLEMENTED.items():
-    setattr(OipServicer, _method, _unimplemented(_method, _feature))
 
 
 _UNAUTHENTICATED = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without a valid bearer token; grpc.health.v1 stays open when asked to."""
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without exactly one valid bearer token; grpc.health.v1 stays open when asked to."""
 
     def __init__(self, auth: TokenAuth, health_open: bool) -> None:
         self.auth = auth
         self.health_open = health_open
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        if self.health_open and handler_call_details.method.startswith("/grpc.health.v1.Health/"):
-            return continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        if self.auth.check(metadata.get("authorization")):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        if self.health_open and handler_call_details.method.startswith(_HEALTH_PREFIX):
+            return await continuation(handler_call_details)
+        values = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
+        handler = await continuation(handler_call_details)
+        if self.auth.check_headers(values):
+            return handler
         return _denying(handler) if handler is not None else None
 
 
 def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED."""
+    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED (a streaming-request
+    handler, like ModelInfer's, refuses before reading the payload)."""
 
-    def deny(request: object, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+    async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
 
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -447,39 +618,130 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                 response_serializer=handler.response_serializer)
 
 
+class LoopHealth:
+    """grpc.health.v1 statuses set from any thread; the aio HealthServicer lives on the loop."""
+
+    def __init__(self, servicer: health_aio.HealthServicer, loop: asyncio.AbstractEventLoop) -> None:
+        self.servicer = servicer
+        self.loop = loop
+
+    def set(self, service: str, status: int) -> None:
+        if not self.loop.is_running():  # stopped: nothing would run the update
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self.loop.create_task(self.servicer.set(service, status))
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.servicer.set(service, status), self.loop).result(timeout=5)
+        except (RuntimeError, futures.TimeoutError):  # loop stopping: statuses no longer matter
+            pass
+
+
+class GrpcServer:
+    """The grpc.aio server and its event loop thread, with the sync face server.py drives:
+    start() and stop(grace) -> an Event set once every call has ended."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, server: grpc.aio.Server,
+                 pool: futures.ThreadPoolExecutor) -> None:
+        self.loop = loop
+        self.thread = thread
+        self.server = server
+        self.pool = pool
+
+    def _run(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> None:
+        self._run(self.server.start(), timeout=30)
+
+    def stop(self, grace: float | None) -> threading.Event:
+        done = threading.Event()
+
+        async def stop() -> None:
+            try:
+                await self.server.stop(grace)
+            finally:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                done.set()
+                asyncio.get_running_loop().call_soon(self.loop.stop)
+
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(stop(), self.loop)
+        else:
+            done.set()
+        return done
+
+
+def _loop_thread() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(started.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="oip-loop", daemon=True)
+    thread.start()
+    started.wait(10)
+    return loop, thread
+
+
 def make_grpc_server(
     core: InferenceCore, host: str, port: int, workers: int, max_message_bytes: int, request_timeout_s: float = 0.0,
     auth: TokenAuth | None = None, health_open: bool = True, tls: TlsFiles | None = None, max_stream_rows: int = 0,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
-    ]
-    interceptors = [TokenInterceptor(auth, health_open)] if auth is not None and auth.enabled else []
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip"), options=options,
-        interceptors=interceptors,
-    )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, request_timeout_s, max_stream_rows), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        if tls is None:
-            bound = server.add_insecure_port(f"{host}:{port}")
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(tls.key, tls.cert)], root_certificates=tls.client_ca, require_client_auth=tls.client_ca is not None
-            )
-            bound = server.add_secure_port(f"{host}:{port}", credentials)
-    except RuntimeError:  # grpcio >= 1.60 raises instead of returning 0
-        bound = 0
+    max_concurrent_rpcs: int = 0, max_concurrent_streams: int = 0,
+) -> tuple[GrpcServer, int, LoopHealth]:
+    loop, thread = _loop_thread()
+    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip")
+    oip = AioOip(OipServicer(core, request_timeout_s, max_stream_rows), pool,
+                 Admission(max_concurrent_rpcs, max_concurrent_streams))
+
+    async def build() -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            # Without BDP probing a stream's receive window stays at 64 KiB until the handler reads, so a
+            # call refused by admission costs that much, not its whole payload (measured: a storm of 80 x 2 MB
+            # calls grew the server by ~165 MB with probing, ~70 MB without). Costs throughput only for
+            # messages far above 64 KiB on links with a long round trip.
+            ("grpc.http2.bdp_probe", 0),
+        ]
+        interceptors = [TokenInterceptor(auth, health_open)] if auth is not None and auth.enabled else []
+        server = grpc.aio.server(options=options, interceptors=interceptors)
+        server.add_generic_rpc_handlers((oip.handlers(),))
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        try:
+            if tls is None:
+                bound = server.add_insecure_port(f"{host}:{port}")
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(tls.key, tls.cert)], root_certificates=tls.client_ca,
+                    require_client_auth=tls.client_ca is not None,
+                )
+                bound = server.add_secure_port(f"{host}:{port}", credentials)
+        except RuntimeError:  # grpcio >= 1.60 raises instead of returning 0
+            bound = 0
+        return server, bound, health_servicer
+
+    server, bound, health_servicer = asyncio.run_coroutine_threadsafe(build(), loop).result(30)
+    grpc_server = GrpcServer(loop, thread, server, pool)
     if bound == 0:
+        grpc_server.stop(None).wait(5)
         raise OSError(f"cannot bind the OIP gRPC port {host}:{port} (in use, or not an address of this machine)")
-    return server, bound, health_servicer
+    return grpc_server, bound, LoopHealth(health_servicer, loop)
 
 
-def set_health(health_servicer: health.HealthServicer, core: InferenceCore, serving: bool) -> None:
+def set_health(health_servicer: LoopHealth, core: InferenceCore, serving: bool) -> None:
     """Server status under '' and the service name; each model's under its name (grpc_health_probe -service)."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     health_servicer.set("", status)

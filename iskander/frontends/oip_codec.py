@@ -19,6 +19,7 @@ import pyarrow as pa
 from ..arrow_tensor import list_values
 from ..arrow_types import BFLOAT16, STRING_TYPES, element_type, is_fixed_shape_tensor, row_shape
 from ..errors import InvalidInput, Unimplemented
+from ..text import clip
 
 _FIXED: dict[pa.DataType, str] = {
     pa.bool_(): "BOOL",
@@ -70,6 +71,11 @@ CONTENTS_FIELD: dict[str, str] = {
 }
 
 
+# int_contents / uint_contents carry 32-bit values: the narrower datatypes need a range check
+_WIRE_DTYPE: dict[str, np.dtype] = {
+    "INT8": np.dtype("<i4"), "INT16": np.dtype("<i4"), "UINT8": np.dtype("<u4"), "UINT16": np.dtype("<u4"),
+}
+
 _U32 = struct.Struct("<I")
 
 
@@ -97,7 +103,7 @@ def oip_shape(arrow_type: pa.DataType) -> list[int]:
 
 
 def _fmt(shape: Sequence[int]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
+    return clip("[" + ",".join(str(d) for d in shape[:64]) + ("" if len(shape) <= 64 else ",…") + "]")
 
 
 def passthrough_lists(passthrough: Sequence[pa.Field]) -> frozenset[str]:
@@ -157,9 +163,9 @@ class TensorDecoder:
         if not candidates:
             expected = "' or '".join(dict.fromkeys([self.datatype, *(a.datatype for a in self.alternatives)]))
             raise InvalidInput(
-                f"inference input '{self.column}' data-type is '{datatype}', model '{self.model}' expects "
+                f"inference input '{self.column}' data-type is '{clip(datatype)}', model '{self.model}' expects "
                 f"'{expected}'",
-                model=self.model, column=self.column, expected=self.datatype, got=datatype,
+                model=self.model, column=self.column, expected=self.datatype, got=clip(datatype),
             )
         for decoder in candidates:
             if decoder._shape_ok(list(shape)):
@@ -181,7 +187,7 @@ class TensorDecoder:
             raise InvalidInput(
                 f"unexpected shape for input '{self.column}' for model '{self.model}'. Expected "
                 f"{_fmt(self.metadata_shape)}, got {_fmt(shape)}",
-                model=self.model, column=self.column, expected=self.metadata_shape, got=shape,
+                model=self.model, column=self.column, expected=self.metadata_shape, got=shape[:64],
             )
         return shape[0]
 
@@ -203,7 +209,7 @@ class TensorDecoder:
 
     def ndarray_from_contents(self, contents: object, rows: int) -> np.ndarray:
         """Fixed-width numbers only: the typed contents as a numpy array shaped [N, *row_shape]."""
-        values = np.asarray(self._typed_values(contents, rows * self.per_row), dtype=RAW_DTYPE[self.datatype])
+        values = self._typed_array(self._typed_values(contents, rows * self.per_row))
         return values.reshape(rows, *self.row_shape) if self.row_shape else values
 
     def from_raw(self, data: bytes, rows: int) -> pa.Array:
@@ -236,13 +242,33 @@ class TensorDecoder:
             )
         return values
 
+    def _typed_array(self, values: Any) -> np.ndarray:
+        """Typed contents as the datatype's numpy array. int_contents / uint_contents are 32-bit on the
+        wire, so an INT8/INT16/UINT8/UINT16 value can be out of range: the client's mistake, named."""
+        dtype = RAW_DTYPE[self.datatype]
+        wide = _WIRE_DTYPE.get(self.datatype)
+        if wide is None:
+            return np.asarray(values, dtype=dtype)
+        array = np.asarray(values, dtype=wide)
+        info = np.iinfo(dtype)
+        bad = (array < info.min) | (array > info.max)
+        if bad.any():
+            index = int(bad.argmax())
+            raise InvalidInput(
+                f"input '{self.column}' for model '{self.model}': {CONTENTS_FIELD[self.datatype]} value "
+                f"{int(array[index])} at element {index} is out of range for {self.datatype} "
+                f"({info.min}..{info.max})",
+                model=self.model, column=self.column, expected=f"{info.min}..{info.max}", got=int(array[index]),
+            )
+        return array.astype(dtype)
+
     def from_contents(self, contents: object, rows: int) -> pa.Array:
         count = rows * self.per_row
         values = self._typed_values(contents, count)
         if self.datatype == "BYTES":
             flat = self._bytes_array(list(values))
         else:
-            array = np.asarray(values, dtype=RAW_DTYPE[self.datatype])
+            array = self._typed_array(values)
             flat = _fixed_width(self.elem, count, pa.py_buffer(array)) if self.datatype != "BOOL" \
                 else pa.array(array, type=pa.bool_())
         return self._nest(flat)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import grpc
 
 from ..errors import ErrorCode, IskanderError
-from ..observer import new_request_id, observed_request_id
+from ..observer import Observer, new_request_id, observed_request_id
+from ..text import clip
 
 log = logging.getLogger("iskander.oip")
 
@@ -24,27 +22,28 @@ GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
-F = TypeVar("F", bound=Callable[..., Any])
+# Messages can quote client text from places that do not clip it themselves (the registry's
+# lookups); this bounds what one request can make the server send back or log.
+MAX_MESSAGE_CHARS = 2048
 
 
-def grpc_errors(method: F) -> F:
-    """Decorate a unary servicer method: Iskander errors abort with their status; anything else is
-    logged with a request id and answered INTERNAL without internals. Failures the core did not
-    already account for a model are reported once to the observer (log line and metric)."""
+def bounded(message: str) -> str:
+    return clip(message, MAX_MESSAGE_CHARS)
 
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except IskanderError as exc:
-            self.core.observer.unattributed_failure("grpc", method.__name__, exc)
-            context.abort(GRPC_STATUS[exc.code], exc.message)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence for one request
-            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
-                raise
-            request_id = observed_request_id(exc) or new_request_id()
-            log.exception("internal error in %s (request id %s)", method.__name__, request_id)
-            self.core.observer.unattributed_failure("grpc", method.__name__, exc, request_id)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})")
 
-    return wrapper  # type: ignore[return-value]
+def status_for(exc: BaseException, observer: Observer, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status a failed call answers with. Iskander errors keep their code and message; anything
+    else is logged with a request id and answered INTERNAL without internals. Failures the core did
+    not already account for a model are reported once to the observer (log line and metric)."""
+    if isinstance(exc, IskanderError):
+        observer.unattributed_failure("grpc", method, exc)
+        return GRPC_STATUS[exc.code], bounded(exc.message)
+    request_id = observed_request_id(exc) or new_request_id()
+    log.error("internal error in %s (request id %s)", method, request_id, exc_info=exc)
+    observer.unattributed_failure("grpc", method, exc, request_id)
+    return grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})"
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, observer: Observer, method: str) -> None:
+    code, message = status_for(exc, observer, method)
+    await context.abort(code, message)
