@@ -184,21 +184,27 @@ def test_64_idle_streams_leave_health_and_inference_fast(roomy, models_dir):
             stop = threading.Event()
             served = []
 
-            def hammer(seed: int) -> None:
+            def hammer(seed: int, rows: int) -> None:
                 while not stop.is_set():
-                    req, _ = two_tower_request(4096, seed)
+                    req, _ = two_tower_request(rows, seed)
                     stub.ModelInfer(req, timeout=30)
                     served.append(1)
 
-            with futures.ThreadPoolExecutor(8) as pool:
-                running = [pool.submit(hammer, s) for s in range(8)]
-                time.sleep(0.5)
-                busy = probe_latencies(ch)
-                stop.set()
-                for f in running:
-                    f.result(timeout=60)
-            assert served
-            assert_health_fast(busy)
+            # 4096 rows: large messages, run in the pool; 16 rows: small and cheap, run on the event
+            # loop itself once the model's cost is learned (oip.InlinePolicy), where they compete
+            # with the probes directly
+            for rows in (4096, 16):
+                stop.clear()
+                served.clear()
+                with futures.ThreadPoolExecutor(8) as pool:
+                    running = [pool.submit(hammer, s, rows) for s in range(8)]
+                    time.sleep(0.5)
+                    busy = probe_latencies(ch)
+                    stop.set()
+                    for f in running:
+                        f.result(timeout=60)
+                assert served
+                assert_health_fast(busy)
         finally:
             idle.close()
 
