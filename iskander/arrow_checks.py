@@ -12,8 +12,6 @@ O(rows) and only runs for columns whose layout has offsets or indices.
 
 from __future__ import annotations
 
-import functools
-
 import pyarrow as pa
 
 from .errors import InvalidInput
@@ -32,13 +30,13 @@ def _needs_full(t: pa.DataType) -> bool:
                 or pa.types.is_decimal(t))
 
 
-@functools.lru_cache(maxsize=256)
 def needs_full(schema: pa.Schema) -> bool:
-    """Whether any column needs the full (O(rows)) check. Cached: a stream keeps one schema."""
+    """Whether any column needs the full (O(rows)) check. A stream keeps one schema: decide once
+    per stream (hashing a schema to cache this costs more than the whole cheap check)."""
     return any(_needs_full(f.type) for f in schema)
 
 
-def check_batch(batch: pa.RecordBatch, model: str) -> None:
+def check_batch(batch: pa.RecordBatch, model: str, full: bool | None = None) -> None:
     """Raise InvalidInput naming the column if ``batch`` is not structurally sound.
 
     One ``RecordBatch.validate`` call (column lengths, buffer sizes, and with ``full`` offsets,
@@ -47,7 +45,8 @@ def check_batch(batch: pa.RecordBatch, model: str) -> None:
     rows = batch.num_rows
     if rows < 0:  # a header can say anything; len() of such a column is not even defined
         raise InvalidInput(f"record batch for model '{clip(model)}' claims {rows} rows", model=model)
-    full = needs_full(batch.schema)
+    if full is None:
+        full = needs_full(batch.schema)
     try:
         batch.validate(full=full)
         return

@@ -25,7 +25,7 @@ import pyarrow.flight as flight
 
 from ..auth import TlsFiles, TokenAuth
 from ..core import InferenceCore
-from ..arrow_checks import check_batch
+from ..arrow_checks import check_batch, needs_full
 from ..errors import InvalidInput, ModelNotReady, ResourceExhausted, Unimplemented
 from ..text import clip
 from ..model_info import describe, repository_index, statistics
@@ -181,6 +181,7 @@ class FlightFrontend(flight.FlightServerBase):
         max_bytes = entry.settings.max_message_bytes or self.max_batch_bytes
         observer = self.core.observer
         carrier = (lambda: _trace_carrier(context)) if observer.tracing is not None else None
+        full_check: bool | None = None  # decided from the stream's schema at its first batch
         while True:
             try:
                 chunk = reader.read_chunk()
@@ -204,7 +205,9 @@ class FlightFrontend(flight.FlightServerBase):
                     try:
                         # nothing reads the batch's buffers before this: sizes first, then structure
                         self._check_size(entry, batch, max_bytes)
-                        check_batch(batch, name)
+                        if full_check is None:
+                            full_check = needs_full(batch.schema)
+                        check_batch(batch, name, full_check)
                         stream_rows += batch.num_rows  # counted only once the batch is known sound
                         self._check_stream_rows(entry, stream_rows, max_rows)
                     except Exception as exc:
