@@ -343,3 +343,20 @@ def test_random_byte_flips_in_ipc_header_and_body_never_hurt_the_server(server, 
     assert server.process.poll() is None
     assert sum(codes.values()) == 300 and codes.get("INVALID_ARGUMENT", 0) > 0, codes
     assert_serving(server, models_dir)
+
+
+def test_a_huge_model_name_costs_one_short_log_line(server, channel):
+    """A 1 MB model name on GetSchema and DoExchange: NOT_FOUND with the name cut, and no log line
+    of the server's longer than a few KB (it used to write the whole name per request)."""
+    name = "m" * 1_000_000
+    with pytest.raises(grpc.RpcError) as info:
+        unary(channel, "GetSchema", descriptor(name))
+    assert_clean(info.value, grpc.StatusCode.NOT_FOUND, "chars)")
+    batch = dtypes_batch(dtypes_feeds(2))
+    with pytest.raises(grpc.RpcError) as info:
+        do_exchange(channel, [flight_data(schema_message(batch.schema), desc=descriptor(name)),
+                              flight_data(*batch_message(batch))])
+    assert_clean(info.value, grpc.StatusCode.NOT_FOUND, "chars)")
+    time.sleep(0.2)  # the log line is written as the call ends
+    longest = max(len(line) for line in server.log().splitlines())
+    assert longest < 8192, longest
