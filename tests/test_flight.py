@@ -308,33 +308,6 @@ def test_invalid_utf8_in_a_string_column_is_a_client_error(client, models_dir):
     assert "column 'word' for model 'strings' is malformed" in msg and "Invalid UTF8" in msg
 
 
-def test_sigterm_with_an_idle_open_stream_exits_after_the_grace_period(models_dir, tmp_path):
-    """A client that keeps a DoExchange stream open and silent must not keep the server alive."""
-    import signal
-    import time
-
-    from iskander.launch import spawn_server
-
-    config = tmp_path / "config.toml"
-    config.write_text(f'[server]\ngrace_seconds = 1.0\n\n[[models]]\nname = "tabular"\npath = "{models_dir}/tabular.onnx"\n')
-    running = spawn_server(config, tmp_path / "server.log")
-    c = flight.connect(running.flight_uri)
-    try:
-        batch, _ = tabular_batch(2)
-        writer, reader = c.do_exchange(flight.FlightDescriptor.for_path("tabular"))
-        writer.begin(batch.schema)
-        writer.write_batch(batch)
-        assert reader.read_chunk().data.num_rows == 2
-        started = time.monotonic()
-        running.process.send_signal(signal.SIGTERM)
-        assert running.process.wait(timeout=20) == 0
-        assert time.monotonic() - started < 10
-        assert "grace period with calls still open" in running.log()
-    finally:
-        running.stop()
-        c.close()
-
-
 def test_client_disconnect_mid_stream_frees_the_stream(server):
     """Clients that drop the connection with a stream open leave no errors behind and no stuck
     handlers: the server keeps answering on new streams."""

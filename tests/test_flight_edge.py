@@ -280,6 +280,7 @@ def test_sigterm_with_an_idle_stream_exits_0_within_grace_every_time(models_dir,
         code, took, log = sigterm_with_idle_stream(models_dir, folder, grace)
         assert code == 0, log
         assert took < grace + 1.0 + 0.5, (run, took)  # grace + 1 s, plus process teardown
+        assert "grace period with calls still open" in log
 
 
 def test_sigterm_answers_the_batch_in_flight_then_ends_the_stream_cleanly(models_dir, tmp_path):
