@@ -11,7 +11,7 @@ from .auth import TlsFiles, load_tokens
 from .core import InferenceCore, server_version
 from .frontends.flight import make_flight_server
 from .frontends.flight_errors import hide_tracebacks
-from .frontends.oip import make_grpc_server, set_health
+from .frontends.oip_server import make_grpc_server, set_health
 from .observer import Observer
 from .registry import ModelRegistry
 from .settings import Settings

@@ -191,7 +191,7 @@ def test_64_idle_streams_leave_health_and_inference_fast(roomy, models_dir):
                     served.append(1)
 
             # 4096 rows: large messages, run in the pool; 16 rows: small and cheap, run on the event
-            # loop itself once the model's cost is learned (oip.InlinePolicy), where they compete
+            # loop itself once the model's cost is learned (oip_server.InlinePolicy), where they compete
             # with the probes directly
             for rows in (4096, 16):
                 stop.clear()
