@@ -1,4 +1,4 @@
-"""Arrow type names used in manifests, and the Arrow <-> ONNX element type tables.
+"""Arrow type names used in manifests, and Arrow element types as numpy sees them.
 
 Manifest type strings: primitive names (``float32``, ``int64``, ``utf8``, ...) and
 ``fixed_size_list<T>[k]`` (nestable, e.g. ``fixed_size_list<fixed_size_list<float32>[3]>[16]``), and
@@ -73,24 +73,6 @@ PRIMITIVE_TYPES: dict[str, pa.DataType] = {
     "timestamp[us]": pa.timestamp("us"),
     "timestamp[ns]": pa.timestamp("ns"),
     "null": pa.null(),
-}
-
-# ONNX Runtime's NodeArg.type strings -> the Arrow element type that carries them.
-ONNX_TO_ARROW: dict[str, pa.DataType] = {
-    "tensor(float)": pa.float32(),
-    "tensor(double)": pa.float64(),
-    "tensor(float16)": pa.float16(),
-    "tensor(bfloat16)": BFLOAT16,
-    "tensor(int8)": pa.int8(),
-    "tensor(int16)": pa.int16(),
-    "tensor(int32)": pa.int32(),
-    "tensor(int64)": pa.int64(),
-    "tensor(uint8)": pa.uint8(),
-    "tensor(uint16)": pa.uint16(),
-    "tensor(uint32)": pa.uint32(),
-    "tensor(uint64)": pa.uint64(),
-    "tensor(bool)": pa.bool_(),
-    "tensor(string)": pa.utf8(),
 }
 
 STRING_TYPES = (pa.utf8(), pa.large_utf8(), pa.binary(), pa.large_binary())
@@ -209,7 +191,7 @@ def nest_type(elem: pa.DataType, dims: tuple[int, ...]) -> pa.DataType:
 
 
 def numpy_dtype(elem: pa.DataType) -> np.dtype:
-    """numpy dtype ONNX Runtime expects for an Arrow element type (object for strings)."""
+    """numpy dtype a backend receives for an Arrow element type (object for strings)."""
     if elem in STRING_TYPES:
         return np.dtype(object)
     if isinstance(elem, pa.ExtensionType):

@@ -1,10 +1,10 @@
 """Dynamic batching: requests for one model version, from both frontends, queue together, run as
-one onnxruntime call and are split back in order.
+one backend call and are split back in order.
 
 Requests are validated and converted to tensors before they queue, so a malformed request fails
 alone before batching. If a merged run fails (a bad value that only the model notices), each
 request of that batch is re-run on its own so only the culprit fails. Worker threads (one per
-session instance) take batches off one shared queue.
+backend instance) take batches off one shared queue.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import attrs
 import numpy as np
 
 from .errors import DeadlineExceeded
-from .onnx_backend import OnnxBackend
+from .backends import Backend
 from .settings import DynamicBatching
 
 log = logging.getLogger("iskander.batcher")
@@ -53,7 +53,7 @@ _STOP = object()
 
 class Batcher:
     def __init__(
-        self, backend: OnnxBackend, tensors: Sequence[str], settings: DynamicBatching, model: str, workers: int = 1
+        self, backend: Backend, tensors: Sequence[str], settings: DynamicBatching, model: str, workers: int = 1
     ) -> None:
         self.backend = backend
         self.tensors = list(tensors)

@@ -1,4 +1,7 @@
-"""The schema contract: Arrow columns <-> ONNX tensors, checked and compiled once at model load.
+"""The schema contract: Arrow columns <-> model tensors, checked and compiled once at model load.
+
+It is compiled against the backend's neutral signature (``backends.TensorSpec``); what a model
+format calls its types stays in the backend, quoted here only in messages (``type_label``).
 
 At request time the contract only looks up columns (cached per incoming schema), checks nulls and
 hands numpy views to the backend; it never guesses shapes or types.
@@ -26,7 +29,6 @@ from .arrow_tensor import (
     read_filled,
 )
 from .arrow_types import (
-    ONNX_TO_ARROW,
     STRING_TYPES,
     element_type,
     is_fixed_shape_tensor,
@@ -34,26 +36,14 @@ from .arrow_types import (
     row_shape,
     type_name,
 )
+from .backends.base import TensorSpec
 from .errors import InternalError, InvalidInput, ModelLoadError
 from .manifest import ColumnSpec, Manifest
 
 
 @attrs.frozen
-class TensorInfo:
-    """A model input/output as the backend reports it. ``shape`` uses None for symbolic dims."""
-
-    name: str
-    onnx_type: str
-    shape: tuple[int | None, ...]
-
-    @property
-    def elem(self) -> pa.DataType | None:
-        return ONNX_TO_ARROW.get(self.onnx_type)
-
-
-@attrs.frozen
 class Part:
-    """What one column (or one field of a struct column) contributes to one ONNX input."""
+    """What one column (or one field of a struct column) contributes to one model input."""
 
     tensor: str
     field: int | None  # struct child index; None for the column itself
@@ -73,7 +63,7 @@ class InputBinding:
     nulls: str = "reject"
     fill: Any = None
     cast_from: tuple[pa.DataType, ...] = ()
-    fixed_rows: int | None = None  # an ONNX input it feeds has a static batch dimension
+    fixed_rows: int | None = None  # a model input it feeds has a static batch dimension
 
 
 @attrs.frozen
@@ -158,7 +148,7 @@ def _elem_matches(col_elem: pa.DataType, tensor_elem: pa.DataType | None) -> boo
     if tensor_elem is None:
         return False
     if tensor_elem == pa.utf8():
-        # onnxruntime's Python API takes string tensors as str; binary columns would arrive as reprs
+        # a string tensor takes text (numpy str objects); binary columns would arrive as reprs
         return col_elem in (pa.utf8(), pa.large_utf8())
     return col_elem == tensor_elem
 
@@ -188,8 +178,11 @@ class Contract:
         outputs: Sequence[OutputBinding],
         passthrough: Sequence[pa.Field],
         from_manifest: bool,
+        kind: str = "model",
     ) -> None:
         self.model = model
+        # the backend's name for its tensors, in messages ("an ONNX input")
+        self._a_kind = f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.passthrough = tuple(passthrough)
@@ -314,7 +307,7 @@ class Contract:
             if binding.fixed_rows is not None and n != binding.fixed_rows:
                 raise InvalidInput(
                     f"model '{self.model}' takes exactly {binding.fixed_rows} rows per batch (column "
-                    f"'{binding.column}' feeds an ONNX input with a fixed batch dimension), got {n}",
+                    f"'{binding.column}' feeds {self._a_kind} input with a fixed batch dimension), got {n}",
                     model=self.model, column=binding.column, expected=binding.fixed_rows, got=n,
                 )
             if target is not None:
@@ -347,7 +340,7 @@ class Contract:
             if binding.fixed_rows is not None and rows != binding.fixed_rows:
                 raise InvalidInput(
                     f"model '{self.model}' takes exactly {binding.fixed_rows} rows per batch (column "
-                    f"'{binding.column}' feeds an ONNX input with a fixed batch dimension), got {rows}",
+                    f"'{binding.column}' feeds {self._a_kind} input with a fixed batch dimension), got {rows}",
                     model=self.model, column=binding.column, expected=binding.fixed_rows, got=rows,
                 )
             tensor = columns[binding.column]
@@ -412,7 +405,7 @@ class Contract:
         return list(needed.values())
 
     def run_tensors(self, selected: Sequence[OutputBinding]) -> list[str]:
-        """ONNX outputs to compute for these output columns (no duplicates)."""
+        """Model outputs to compute for these output columns (no duplicates)."""
         if selected is self.outputs and self._all_tensors is not None:
             return self._all_tensors
         return list(dict.fromkeys(b.tensor for b in self._needed(selected) if b.tensor is not None))
@@ -519,14 +512,14 @@ class Contract:
 # --- compilation at load time ---------------------------------------------------------------------
 
 
-def _check_elem(what: str, arrow_type: pa.DataType, info: TensorInfo) -> None:
-    if not _elem_matches(element_type(arrow_type), info.elem):
-        raise ModelLoadError(f"{what} is {type_name(arrow_type)} but ONNX input '{info.name}' is {info.onnx_type}")
+def _check_elem(what: str, arrow_type: pa.DataType, info: TensorSpec, kind: str) -> None:
+    if not _elem_matches(element_type(arrow_type), info.element):
+        raise ModelLoadError(f"{what} is {type_name(arrow_type)} but {kind} input '{info.name}' is {info.type_label}")
 
 
 def _single_part(spec: ColumnSpec, label: str, arrow_type: pa.DataType, field: int | None,
-                 info: TensorInfo) -> Part:
-    """A column (or struct field) that feeds an ONNX input on its own."""
+                 info: TensorSpec, kind: str) -> Part:
+    """A column (or struct field) that feeds a model input on its own."""
     what = f"manifest input '{label}'"
     if pa.types.is_list(arrow_type) or any(pa.types.is_list(t) for t in _nested(arrow_type)):
         raise ModelLoadError(
@@ -534,7 +527,7 @@ def _single_part(spec: ColumnSpec, label: str, arrow_type: pa.DataType, field: i
         )
     if pa.types.is_struct(arrow_type):
         raise ModelLoadError(f"{what} is a struct inside a struct; map its fields to tensors one level down")
-    _check_elem(what, arrow_type, info)
+    _check_elem(what, arrow_type, info, kind)
     dims = row_shape(arrow_type)
     rank = len(info.shape)
     unit = False
@@ -542,25 +535,27 @@ def _single_part(spec: ColumnSpec, label: str, arrow_type: pa.DataType, field: i
         for want, have in zip(dims, info.shape[1:]):
             if have is not None and have != want:
                 raise ModelLoadError(
-                    f"{what} has per-row shape {list(dims)} but ONNX input '{info.name}' has shape "
+                    f"{what} has per-row shape {list(dims)} but {kind} input '{info.name}' has shape "
                     f"{_dims_str(info.shape)}"
                 )
     elif not dims and rank == 2 and info.shape[1] in (1, None):
         unit = True
     else:
         raise ModelLoadError(
-            f"{what} ({type_name(arrow_type)}, tensor rank {1 + len(dims)}) does not fit ONNX input "
+            f"{what} ({type_name(arrow_type)}, tensor rank {1 + len(dims)}) does not fit {kind} input "
             f"'{info.name}' of shape {_dims_str(info.shape)}"
         )
     return Part(info.name, field, label, arrow_type, None, unit, compile_reader(arrow_type, unit_dim=unit))
 
 
-def _concat_parts(members: list[tuple[ColumnSpec, str, pa.DataType, int | None]], info: TensorInfo) -> list[Part]:
+def _concat_parts(
+    members: list[tuple[ColumnSpec, str, pa.DataType, int | None]], info: TensorSpec, kind: str
+) -> list[Part]:
     """Several columns (or a struct's fields) concatenated, in manifest order, into one [N, k] input."""
     labels = ", ".join(f"'{label}'" for _, label, _, _ in members)
     if len(info.shape) != 2:
         raise ModelLoadError(
-            f"columns {labels} are concatenated into ONNX input '{info.name}', which must have shape [N, k]; "
+            f"columns {labels} are concatenated into {kind} input '{info.name}', which must have shape [N, k]; "
             f"it has {_dims_str(info.shape)}"
         )
     parts, width = [], 0
@@ -570,19 +565,19 @@ def _concat_parts(members: list[tuple[ColumnSpec, str, pa.DataType, int | None]]
         if len(dims) > 1 or pa.types.is_struct(arrow_type) or pa.types.is_list(arrow_type):
             raise ModelLoadError(f"{what} ({type_name(arrow_type)}) cannot be concatenated: use a primitive or "
                                  "fixed_size_list<T>[k]")
-        _check_elem(what, arrow_type, info)
+        _check_elem(what, arrow_type, info, kind)
         width += dims[0] if dims else 1
         parts.append(Part(info.name, field, label, arrow_type, slot, not dims,
                           compile_reader(arrow_type, unit_dim=not dims)))
     if info.shape[1] is not None and info.shape[1] != width:
         raise ModelLoadError(
-            f"columns {labels} give {width} values per row but ONNX input '{info.name}' has shape "
+            f"columns {labels} give {width} values per row but {kind} input '{info.name}' has shape "
             f"{_dims_str(info.shape)}"
         )
     return parts
 
 
-def _compile_inputs(specs: Sequence[ColumnSpec], ins: dict[str, TensorInfo]) -> list[InputBinding]:
+def _compile_inputs(specs: Sequence[ColumnSpec], ins: dict[str, TensorSpec], kind: str) -> list[InputBinding]:
     # Every (column or struct field) -> tensor assignment, in manifest order.
     members: dict[str, list[tuple[ColumnSpec, str, pa.DataType, int | None]]] = {}
     for spec in specs:
@@ -612,17 +607,17 @@ def _compile_inputs(specs: Sequence[ColumnSpec], ins: dict[str, TensorInfo]) -> 
         if info is None:
             raise ModelLoadError(
                 f"manifest input '{group[0][1]}' maps to tensor '{tensor}', but the model has no such input; "
-                f"ONNX inputs: {', '.join(ins)}"
+                f"{kind} inputs: {', '.join(ins)}"
             )
         is_struct_concat = len(group) > 1 or (group[0][3] is not None and not group[0][0].field_tensors)
-        parts = _concat_parts(group, info) if is_struct_concat else [_single_part(*group[0][:4], info)]
+        parts = _concat_parts(group, info, kind) if is_struct_concat else [_single_part(*group[0][:4], info, kind)]
         for (spec, _, _, _), part in zip(group, parts):
             parts_of[spec.name].append(part)
             if info.shape and info.shape[0] is not None:
                 fixed[spec.name] = info.shape[0]
     unfed = [name for name in ins if name not in members]
     if unfed:
-        raise ModelLoadError(f"ONNX input '{unfed[0]}' is not fed by any manifest input column")
+        raise ModelLoadError(f"{kind} input '{unfed[0]}' is not fed by any manifest input column")
     bindings = []
     for spec in specs:
         for source in spec.cast_from:
@@ -655,64 +650,64 @@ def _leaf_types(t: pa.DataType) -> list[pa.DataType]:
     return [element_type(t)]
 
 
-def _check_output(spec: ColumnSpec, info: TensorInfo) -> OutputBinding:
+def _check_output(spec: ColumnSpec, info: TensorSpec, kind: str) -> OutputBinding:
     what = f"manifest output '{spec.name}'"
-    if info.onnx_type == "tensor(bfloat16)":
+    if info.not_returnable is not None:
         raise ModelLoadError(
-            f"ONNX output '{info.name}' is tensor(bfloat16), which onnxruntime's Python API cannot return; "
-            "cast it to float32 in the model, or leave it out of a manifest's [[outputs]]"
+            f"{kind} output '{info.name}' is {info.type_label}, which {info.not_returnable}, "
+            "or leave it out of a manifest's [[outputs]]"
         )
     rank = len(info.shape)
     common = {"description": spec.description, "transform": spec.transform}
     if spec.transform == "label":
         if spec.type not in (pa.utf8(), pa.large_utf8()):
             raise ModelLoadError(f"{what} has transform 'label' and must be utf8 or large_utf8")
-        elem = info.elem
+        elem = info.element
         is_index = elem is not None and pa.types.is_integer(elem) and (rank == 1 or info.shape[1:] == (1,))
         is_scores = elem is not None and pa.types.is_floating(elem) and rank == 2
         if not (is_index or is_scores):
             raise ModelLoadError(
-                f"{what} (transform 'label') needs a class index [N] or class scores [N, k] from ONNX output "
-                f"'{info.name}', which is {info.onnx_type} {_dims_str(info.shape)}"
+                f"{what} (transform 'label') needs a class index [N] or class scores [N, k] from {kind} output "
+                f"'{info.name}', which is {info.type_label} {_dims_str(info.shape)}"
             )
         if is_scores and info.shape[1] is not None and info.shape[1] != len(spec.labels):
             raise ModelLoadError(
-                f"{what} has {len(spec.labels)} labels but ONNX output '{info.name}' scores {info.shape[1]} classes"
+                f"{what} has {len(spec.labels)} labels but {kind} output '{info.name}' scores {info.shape[1]} classes"
             )
         return OutputBinding(spec.name, spec.type, info.name, (), False, labels=pa.array(spec.labels, pa.utf8()),
                              **common)
     if spec.transform == "select":
         assert spec.index is not None
-        if rank != 2 or not _elem_matches(spec.type, info.elem) or pa.types.is_nested(spec.type):
+        if rank != 2 or not _elem_matches(spec.type, info.element) or pa.types.is_nested(spec.type):
             raise ModelLoadError(
-                f"{what} (transform 'select', {type_name(spec.type)}) needs an [N, k] ONNX output of the same "
-                f"element type; '{info.name}' is {info.onnx_type} {_dims_str(info.shape)}"
+                f"{what} (transform 'select', {type_name(spec.type)}) needs an [N, k] {kind} output of the same "
+                f"element type; '{info.name}' is {info.type_label} {_dims_str(info.shape)}"
             )
         if info.shape[1] is not None and spec.index >= info.shape[1]:
             raise ModelLoadError(
-                f"{what} selects index {spec.index} but ONNX output '{info.name}' has {info.shape[1]} columns"
+                f"{what} selects index {spec.index} but {kind} output '{info.name}' has {info.shape[1]} columns"
             )
         return OutputBinding(spec.name, spec.type, info.name, (), False, index=spec.index, **common)
     col_elem = element_type(spec.type)
-    if not _elem_matches(col_elem, info.elem) or (info.elem == pa.utf8() and col_elem != pa.utf8()):
-        raise ModelLoadError(f"{what} is {type_name(spec.type)} but ONNX output '{info.name}' is {info.onnx_type}")
+    if not _elem_matches(col_elem, info.element) or (info.element == pa.utf8() and col_elem != pa.utf8()):
+        raise ModelLoadError(f"{what} is {type_name(spec.type)} but {kind} output '{info.name}' is {info.type_label}")
     if pa.types.is_list(spec.type):
         if rank < 2:
-            raise ModelLoadError(f"{what} is a list but ONNX output '{info.name}' has rank {rank}")
+            raise ModelLoadError(f"{what} is a list but {kind} output '{info.name}' has rank {rank}")
         return OutputBinding(spec.name, spec.type, info.name, None, False, **common)
     dims = row_shape(spec.type)
     if rank == 1 + len(dims):
         for want, have in zip(dims, info.shape[1:]):
             if have is not None and have != want:
                 raise ModelLoadError(
-                    f"{what} has per-row shape {list(dims)} but ONNX output '{info.name}' has shape "
+                    f"{what} has per-row shape {list(dims)} but {kind} output '{info.name}' has shape "
                     f"{_dims_str(info.shape)}"
                 )
         return OutputBinding(spec.name, spec.type, info.name, dims, False, **common)
     if not dims and rank == 2 and info.shape[1] in (1, None):
         return OutputBinding(spec.name, spec.type, info.name, (), True, **common)
     raise ModelLoadError(
-        f"{what} ({type_name(spec.type)}) does not fit ONNX output '{info.name}' of shape {_dims_str(info.shape)}"
+        f"{what} ({type_name(spec.type)}) does not fit {kind} output '{info.name}' of shape {_dims_str(info.shape)}"
     )
 
 
@@ -740,13 +735,13 @@ def _rank_output(
                          group_by=spec.group_by, descending=spec.descending)
 
 
-def _derived_type(info: TensorInfo, role: str) -> pa.DataType:
-    elem = info.elem
+def _derived_type(info: TensorSpec, role: str, kind: str) -> pa.DataType:
+    elem = info.element
     if elem is None:
         hint = "Iskander cannot feed it" if role == "input" else "leave it out of a manifest's [[outputs]]"
-        raise ModelLoadError(f"ONNX {role} '{info.name}' has type {info.onnx_type}, which has no Arrow column type; {hint}")
+        raise ModelLoadError(f"{kind} {role} '{info.name}' has type {info.type_label}, which has no Arrow column type; {hint}")
     if len(info.shape) == 0:
-        raise ModelLoadError(f"ONNX {role} '{info.name}' is a scalar (no batch dimension); it cannot map to a column")
+        raise ModelLoadError(f"{kind} {role} '{info.name}' is a scalar (no batch dimension); it cannot map to a column")
     rest = info.shape[1:]
     if rest == (1,):
         return elem  # one value per row
@@ -755,7 +750,7 @@ def _derived_type(info: TensorInfo, role: str) -> pa.DataType:
     if role == "output":
         return pa.list_(elem)  # per-row size known only at run time
     raise ModelLoadError(
-        f"ONNX input '{info.name}' has shape {_dims_str(info.shape)} with a dynamic non-batch dimension; "
+        f"{kind} input '{info.name}' has shape {_dims_str(info.shape)} with a dynamic non-batch dimension; "
         "declare its column type in a manifest"
     )
 
@@ -763,20 +758,22 @@ def _derived_type(info: TensorInfo, role: str) -> pa.DataType:
 def compile_contract(
     model: str,
     manifest: Manifest | None,
-    onnx_inputs: Sequence[TensorInfo],
-    onnx_outputs: Sequence[TensorInfo],
+    model_inputs: Sequence[TensorSpec],
+    model_outputs: Sequence[TensorSpec],
+    kind: str = "model",
 ) -> Contract:
-    """Check the manifest (or derive one column per tensor) against the model and compile it."""
-    ins = {t.name: t for t in onnx_inputs}
-    outs = {t.name: t for t in onnx_outputs}
+    """Check the manifest (or derive one column per tensor) against the model and compile it.
+    ``kind`` names the model's tensors in load errors ("ONNX input 'x'")."""
+    ins = {t.name: t for t in model_inputs}
+    outs = {t.name: t for t in model_outputs}
     if manifest is None:
-        in_specs = [ColumnSpec(t.name, _derived_type(t, "input"), t.name) for t in onnx_inputs]
-        out_specs = [ColumnSpec(t.name, _derived_type(t, "output"), t.name) for t in onnx_outputs]
+        in_specs = [ColumnSpec(t.name, _derived_type(t, "input", kind), t.name) for t in model_inputs]
+        out_specs = [ColumnSpec(t.name, _derived_type(t, "output", kind), t.name) for t in model_outputs]
         pass_specs: tuple[ColumnSpec, ...] = ()
     else:
         in_specs, out_specs, pass_specs = list(manifest.inputs), list(manifest.outputs), manifest.passthrough
 
-    inputs = _compile_inputs(in_specs, ins)
+    inputs = _compile_inputs(in_specs, ins, kind)
     outputs: dict[str, OutputBinding] = {}
     for spec in out_specs:
         if spec.transform == "rank":
@@ -785,9 +782,9 @@ def compile_contract(
         if info is None:
             raise ModelLoadError(
                 f"manifest output '{spec.name}' maps to tensor '{spec.tensor}', but the model has no such "
-                f"output; ONNX outputs: {', '.join(outs)}"
+                f"output; {kind} outputs: {', '.join(outs)}"
             )
-        outputs[spec.name] = _check_output(spec, info)
+        outputs[spec.name] = _check_output(spec, info, kind)
     request_columns = {s.name: s.type for s in [*in_specs, *pass_specs]}
     for spec in out_specs:
         if spec.transform == "rank":
@@ -798,4 +795,4 @@ def compile_contract(
         pa.field(s.name, s.type, nullable=True, metadata={"description": s.description} if s.description else None)
         for s in pass_specs
     ]
-    return Contract(model, inputs, ordered, passthrough, from_manifest=manifest is not None)
+    return Contract(model, inputs, ordered, passthrough, from_manifest=manifest is not None, kind=kind)

@@ -209,7 +209,7 @@ class InferenceCore:
     def _run(
         entry: ModelVersion, prepared: Prepared, selected: Sequence[OutputBinding], deadline: float | None = None
     ) -> tuple[dict[str, np.ndarray], _Run]:
-        """onnxruntime, directly or through the model's dynamic batcher; an expired request is not run."""
+        """The backend, directly or through the model's dynamic batcher; an expired request is not run."""
         prepared_at = time.perf_counter_ns()
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(

@@ -7,6 +7,7 @@ from typing import Any
 import pyarrow as pa
 
 from .arrow_types import type_name
+from .backends import backend_type
 from .registry import ModelRegistry, ModelState, ModelVersion
 
 
@@ -19,6 +20,11 @@ def ready_versions(registry: ModelRegistry, name: str) -> list[str]:
     return [v.version for v in registry.versions(name) if v.state is ModelState.READY]
 
 
+def platform(entry: ModelVersion) -> str:
+    """Triton's platform name; a version that failed to load or was unloaded has no backend object."""
+    return entry.backend.platform if entry.backend is not None else backend_type(entry.settings.backend).platform
+
+
 def describe(entry: ModelVersion, registry: ModelRegistry) -> dict[str, Any]:
     """JSON-able metadata of one model version: state, versions and both schemas."""
     info: dict[str, Any] = {
@@ -26,7 +32,7 @@ def describe(entry: ModelVersion, registry: ModelRegistry) -> dict[str, Any]:
         "version": entry.version,
         "versions": ready_versions(registry, entry.name),
         "state": entry.state.value,
-        "platform": "onnxruntime_onnx",
+        "platform": platform(entry),
     }
     if entry.reason:
         info["reason"] = entry.reason

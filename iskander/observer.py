@@ -62,7 +62,7 @@ class Timings:
     prepared: int  # contract applied, tensors ready
     queued_ns: int  # waited in the dynamic batcher
     infer_ns: int
-    ran_at: int  # onnxruntime results in hand
+    ran_at: int  # backend results in hand
     done: int  # output built
     batch_rows: int
     new_execution: bool
@@ -188,5 +188,6 @@ class Observer:
                              {"iskander.model": entry.name, "iskander.version": entry.version, "iskander.rows": rows})
         if t.queued_ns:
             tracing.child(core, "iskander.batch_queue", t.prepared, t.prepared + t.queued_ns, {})
-        tracing.child(core, "onnxruntime.run", t.ran_at - t.infer_ns, t.ran_at,
+        runtime = entry.backend.backend_name if entry.backend is not None else "backend"
+        tracing.child(core, f"{runtime}.run", t.ran_at - t.infer_ns, t.ran_at,  # "onnxruntime.run"
                       {"iskander.batch_rows": t.batch_rows, "iskander.batched": t.batch_rows != rows})

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable
 import attrs
 
 from .arrow_types import type_name
+from .backends import Backend, create_backend
 from .contract import Contract, compile_contract
 from .errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
 from .manifest import load_manifest
-from .onnx_backend import OnnxBackend
 from .batcher import Batcher
 from .settings import ModelSettings
 from .stats import ModelStats
@@ -47,7 +47,7 @@ class ModelVersion:
     state: ModelState
     reason: str = ""
     contract: Contract | None = None
-    backend: OnnxBackend | None = None
+    backend: Backend | None = None
     unloaded: bool = False  # unloaded on request: not counted against server readiness
     batcher: Batcher | None = attrs.field(default=None, eq=False, repr=False)
     stats: ModelStats | None = attrs.field(default=None, eq=False, repr=False)
@@ -64,20 +64,20 @@ class ModelVersion:
 def load_model(settings: ModelSettings) -> ModelVersion:
     """Load one model version; failures become an UNAVAILABLE entry with a reason."""
     try:
-        backend = OnnxBackend(settings)
+        backend = create_backend(settings)
         manifest_path = settings.manifest_path
         if settings.manifest is not None or manifest_path.is_file():
             manifest = load_manifest(manifest_path, settings.name)
         else:
             manifest = None
-        contract = compile_contract(settings.name, manifest, backend.inputs, backend.outputs)
+        contract = compile_contract(settings.name, manifest, backend.inputs, backend.outputs, backend.kind)
     except (ModelLoadError, ConfigError) as exc:
         return ModelVersion(settings, ModelState.UNAVAILABLE, reason=str(exc))
     batcher = None
     if settings.dynamic_batching is not None:
         batcher = Batcher(
             backend, contract.run_tensors(contract.outputs), settings.dynamic_batching, settings.name,
-            workers=settings.instances,
+            workers=backend.instance_count,
         )
     return ModelVersion(settings, ModelState.READY, contract=contract, backend=backend, batcher=batcher)
 
@@ -172,12 +172,12 @@ class ModelRegistry:
         if quiet:
             return
         if entry.state is ModelState.READY:
-            assert entry.contract is not None
+            assert entry.contract is not None and entry.backend is not None
             cols = lambda schema: ", ".join(f"{f.name}: {type_name(f.type)}" for f in schema)  # noqa: E731
             log.info(
                 "model %s version %s ready (%s) inputs [%s] -> outputs [%s]",
                 entry.name, entry.version,
-                "manifest" if entry.contract.from_manifest else "derived from ONNX signature",
+                "manifest" if entry.contract.from_manifest else f"derived from {entry.backend.kind} signature",
                 cols(entry.contract.input_schema), cols(entry.contract.output_schema),
             )
         else:

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from .backends import BACKEND_NAMES
 from .errors import ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -204,8 +205,9 @@ def _parse_model(table: Any, index: int, base: Path, source: Path | str) -> Mode
         raise where.error(unknown[0], f"unknown key (known keys: {', '.join(sorted(_MODEL_KEYS))})")
 
     backend = _typed(where, table, "backend", str, "onnx")
-    if backend != "onnx":
-        raise where.error("backend", f"unsupported backend {backend!r}; supported: 'onnx'")
+    if backend not in BACKEND_NAMES:
+        supported = ", ".join(repr(b) for b in BACKEND_NAMES)
+        raise where.error("backend", f"unsupported backend {backend!r}; supported: {supported}")
     raw_path = _typed(where, table, "path", str, None)
     if not raw_path:
         raise where.error("path", "is required (path to the .onnx file)")

@@ -141,7 +141,7 @@ def test_requests_racing_a_closed_batcher_still_get_answers(models_dir):
     """A request queued just as its model is unloaded or reloaded (batcher closed) is answered,
     never left waiting."""
     from iskander.batcher import Batcher
-    from iskander.onnx_backend import OnnxBackend
+    from iskander.backends.onnx import OnnxBackend
     from iskander.settings import DynamicBatching, ModelSettings
 
     backend = OnnxBackend(ModelSettings(name="t", path=models_dir / "tabular.onnx"))

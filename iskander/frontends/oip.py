@@ -151,12 +151,12 @@ class OipServicer:
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
         entry = self.core.model(request.name, request.version or None)
-        assert entry.contract is not None
+        assert entry.contract is not None and entry.backend is not None
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=entry.name,
             versions=ready_versions(self.core.registry, entry.name),
-            platform="onnxruntime_onnx",
+            platform=entry.backend.platform,
             inputs=[tensor(name=name, datatype=oip_datatype(t), shape=oip_shape(t))
                     for name, t in oip_view(entry.contract.input_schema, requests=True)],
             outputs=[tensor(name=name, datatype=oip_datatype(t), shape=oip_shape(t))

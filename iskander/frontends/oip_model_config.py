@@ -46,12 +46,12 @@ def max_batch_size(entry: ModelVersion, limit: int = 0) -> int:
 
 
 def model_config(entry: ModelVersion, registry: ModelRegistry, limit: int = 0) -> mc.ModelConfig:
-    contract = entry.contract
-    assert contract is not None
+    contract, backend = entry.contract, entry.backend
+    assert contract is not None and backend is not None
     config = mc.ModelConfig(
         name=entry.name,
-        platform="onnxruntime_onnx",
-        backend="onnxruntime",
+        platform=backend.platform,
+        backend=backend.backend_name,
         max_batch_size=max_batch_size(entry, limit),
         default_model_filename=entry.settings.path.name,
         version_policy=mc.ModelVersionPolicy(
@@ -60,9 +60,8 @@ def model_config(entry: ModelVersion, registry: ModelRegistry, limit: int = 0) -
         instance_group=[
             mc.ModelInstanceGroup(
                 name=f"{entry.name}_0",
-                kind=mc.ModelInstanceGroup.KIND_GPU
-                if entry.settings.execution_providers[0] in ("cuda", "tensorrt") else mc.ModelInstanceGroup.KIND_CPU,
-                count=entry.settings.instances,
+                kind=mc.ModelInstanceGroup.KIND_GPU if backend.instance_kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU,
+                count=backend.instance_count,
             )
         ],
     )

@@ -1,4 +1,4 @@
-"""ONNX Runtime execution: a small pool of InferenceSessions per model version.
+"""The ONNX backend: a small pool of ONNX Runtime InferenceSessions per model version.
 
 ``InferenceSession.run`` is thread-safe and releases the GIL, so requests from both frontends run
 concurrently on one session; ``instances > 1`` adds sessions (each with its own thread pools) for
@@ -12,11 +12,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
+import pyarrow as pa
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from .contract import TensorInfo
-from .errors import InternalError, InvalidInput, ModelLoadError
-from .settings import EXECUTION_PROVIDERS, ModelSettings
+from ..arrow_types import BFLOAT16
+from ..errors import InternalError, InvalidInput, ModelLoadError
+from ..settings import EXECUTION_PROVIDERS, ModelSettings
+from .base import TensorSpec
 
 _GRAPH_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -27,6 +29,24 @@ _GRAPH_LEVELS = {
 
 
 _BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
+
+# ONNX Runtime's NodeArg.type strings -> the Arrow element type that carries them.
+ONNX_TO_ARROW: dict[str, pa.DataType] = {
+    "tensor(float)": pa.float32(),
+    "tensor(double)": pa.float64(),
+    "tensor(float16)": pa.float16(),
+    "tensor(bfloat16)": BFLOAT16,
+    "tensor(int8)": pa.int8(),
+    "tensor(int16)": pa.int16(),
+    "tensor(int32)": pa.int32(),
+    "tensor(int64)": pa.int64(),
+    "tensor(uint8)": pa.uint8(),
+    "tensor(uint16)": pa.uint16(),
+    "tensor(uint32)": pa.uint32(),
+    "tensor(uint64)": pa.uint64(),
+    "tensor(bool)": pa.bool_(),
+    "tensor(string)": pa.utf8(),
+}
 
 
 def session_options(settings: ModelSettings) -> ort.SessionOptions:
@@ -42,14 +62,23 @@ def session_options(settings: ModelSettings) -> ort.SessionOptions:
     return opts
 
 
-def _tensor_info(arg: ort.NodeArg) -> TensorInfo:
+def _tensor_spec(arg: ort.NodeArg) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or ()))
-    return TensorInfo(name=arg.name, onnx_type=arg.type, shape=shape)
+    # numpy has no bfloat16, so session.run cannot hand such an output back
+    no_return = "onnxruntime's Python API cannot return; cast it to float32 in the model" \
+        if arg.type == "tensor(bfloat16)" else None
+    return TensorSpec(arg.name, ONNX_TO_ARROW.get(arg.type), shape, arg.type, no_return)
 
 
 class OnnxBackend:
+    kind = "ONNX"
+    platform = "onnxruntime_onnx"
+    backend_name = "onnxruntime"
+
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
+        self.instance_count = settings.instances
+        self.instance_kind = "gpu" if settings.execution_providers[0] in ("cuda", "tensorrt") else "cpu"
         available = ort.get_available_providers()
         providers = [EXECUTION_PROVIDERS[p] for p in settings.execution_providers]
         missing = [p for p in providers if p not in available]
@@ -71,11 +100,11 @@ class OnnxBackend:
             reason = _short(exc).replace(str(settings.path), settings.path.name)
             raise ModelLoadError(f"onnxruntime could not load {settings.path.name}: {reason}") from None
         first = self._sessions[0]
-        self.inputs = tuple(_tensor_info(a) for a in first.get_inputs())
-        self.outputs = tuple(_tensor_info(a) for a in first.get_outputs())
+        self.inputs = tuple(_tensor_spec(a) for a in first.get_inputs())
+        self.outputs = tuple(_tensor_spec(a) for a in first.get_outputs())
         self._next = itertools.cycle(self._sessions).__next__  # atomic under the GIL
         # numpy has no bfloat16: those inputs arrive as uint16 bit patterns and travel as OrtValues
-        self._bf16_inputs = frozenset(t.name for t in self.inputs if t.onnx_type == "tensor(bfloat16)")
+        self._bf16_inputs = frozenset(t.name for t in self.inputs if t.type_label == "tensor(bfloat16)")
         self._run_options = ort.RunOptions()
 
     def run(self, output_names: Sequence[str], feeds: Mapping[str, np.ndarray], model: str) -> list[np.ndarray]:
