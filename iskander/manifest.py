@@ -28,8 +28,9 @@ from typing import Any
 import attrs
 import pyarrow as pa
 
-from .arrow_types import parse_type
-from .errors import ConfigError
+from .arrow_types import BFLOAT16, element_type, parse_type, row_shape, type_name
+from .backends.base import TensorSpec
+from .errors import ConfigError, ModelLoadError
 
 
 @attrs.frozen
@@ -190,3 +191,51 @@ def load_manifest(path: Path, model: str) -> Manifest:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"manifest {path.name}, model '{model}': invalid TOML: {exc}") from None
     return parse_manifest(data, path, model)
+
+
+def declared_signature(manifest: Manifest, kind: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The tensors a manifest implies, for backends with no signature of their own (Python models).
+
+    Each input tensor is what its columns make once compiled: one column gives [N, *row shape];
+    several columns (or a struct's fields) concatenated give [N, total width]. Each output tensor
+    is its column's [N, *row shape] ([N, k] for list<T>). The contract is then compiled against
+    these exactly as against an ONNX graph, so its checks and messages are the same."""
+    members: dict[str, list[pa.DataType]] = {}
+    concatenated: set[str] = set()
+    for spec in manifest.inputs:
+        if pa.types.is_struct(spec.type):
+            mapping = dict(spec.field_tensors)
+            for f in spec.type:
+                tensor = mapping.get(f.name, spec.tensor)
+                members.setdefault(tensor, []).append(f.type)
+                if not mapping:
+                    concatenated.add(tensor)
+        else:
+            members.setdefault(spec.tensor, []).append(spec.type)
+    inputs = []
+    for tensor, types in members.items():
+        _no_bfloat16(types[0], kind)
+        if len(types) > 1 or tensor in concatenated:
+            width = sum((row_shape(t) or (1,))[0] for t in types)
+            inputs.append(TensorSpec(tensor, element_type(types[0]), (None, width), type_name(types[0])))
+        else:
+            inputs.append(TensorSpec(tensor, element_type(types[0]), (None, *row_shape(types[0])), type_name(types[0])))
+    outputs: dict[str, TensorSpec] = {}
+    for spec in manifest.outputs:
+        if spec.transform == "rank":
+            continue  # computed by the server from another output
+        if spec.transform is not None:
+            raise ModelLoadError(
+                f"manifest output '{spec.name}': transform '{spec.transform}' needs a model tensor the manifest "
+                f"does not describe; a {kind} model returns the column itself from predict"
+            )
+        _no_bfloat16(spec.type, kind)
+        dims: tuple[int | None, ...] = (None,) if pa.types.is_list(spec.type) else row_shape(spec.type)
+        outputs.setdefault(spec.tensor, TensorSpec(spec.tensor, element_type(spec.type), (None, *dims),
+                                                   type_name(spec.type)))
+    return tuple(inputs), tuple(outputs.values())
+
+
+def _no_bfloat16(t: pa.DataType, kind: str) -> None:
+    if element_type(t) == BFLOAT16:
+        raise ModelLoadError(f"{kind} models take no bfloat16 columns (numpy has no bfloat16); use float32")

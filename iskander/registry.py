@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable
 import attrs
 
 from .arrow_types import type_name
-from .backends import Backend, create_backend
+from .backends import Backend, create_backend, signature_from_manifest
 from .contract import Contract, compile_contract
 from .errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
-from .manifest import load_manifest
+from .manifest import declared_signature, load_manifest
 from .batcher import Batcher
 from .settings import ModelSettings
 from .stats import ModelStats
@@ -64,13 +64,24 @@ class ModelVersion:
 def load_model(settings: ModelSettings) -> ModelVersion:
     """Load one model version; failures become an UNAVAILABLE entry with a reason."""
     try:
-        backend = create_backend(settings)
         manifest_path = settings.manifest_path
-        if settings.manifest is not None or manifest_path.is_file():
+        has_manifest = settings.manifest is not None or manifest_path.is_file()
+        if signature_from_manifest(settings.backend):
+            if not has_manifest:
+                raise ModelLoadError(
+                    f"{settings.backend} model {settings.path.name} needs a manifest ({manifest_path.name} not found): "
+                    "it has no graph to derive its input and output columns from"
+                )
             manifest = load_manifest(manifest_path, settings.name)
+            backend = create_backend(settings, declared_signature(manifest, settings.backend))
         else:
-            manifest = None
-        contract = compile_contract(settings.name, manifest, backend.inputs, backend.outputs, backend.kind)
+            backend = create_backend(settings)
+            manifest = load_manifest(manifest_path, settings.name) if has_manifest else None
+        try:
+            contract = compile_contract(settings.name, manifest, backend.inputs, backend.outputs, backend.kind)
+        except ModelLoadError:
+            backend.close()  # a python model's worker processes are already running
+            raise
     except (ModelLoadError, ConfigError) as exc:
         return ModelVersion(settings, ModelState.UNAVAILABLE, reason=str(exc))
     batcher = None
@@ -169,6 +180,8 @@ class ModelRegistry:
             self._entries = {**self._entries, entry.name: versions}
         if old is not None and old.batcher is not None and old.batcher is not entry.batcher:
             old.batcher.close()  # queued requests still run; later ones go to the new entry
+        if old is not None and old.backend is not None and old.backend is not entry.backend:
+            old.backend.close()  # requests already running finish; python workers stop after them
         if quiet:
             return
         if entry.state is ModelState.READY:
@@ -185,6 +198,12 @@ class ModelRegistry:
                 "model %s version %s (%s) failed to load: %s",
                 entry.name, entry.version, entry.settings.path, entry.reason,
             )
+
+    def close(self) -> None:
+        """Release every loaded model (at server stop: python models' worker processes end)."""
+        for entry in self.all():
+            if entry.backend is not None:
+                entry.backend.close()
 
     # --- lookups ----------------------------------------------------------------------------------
 

@@ -101,6 +101,7 @@ class IskanderServer:
         if not clean:
             # a batch that arrived on an idle stream just now is answered before the process ends
             self.flight_server.wait_idle(0.5)
+        self.registry.close()
         if self.observer.metrics is not None:
             self.observer.metrics.stop()
         if self.observer.tracing is not None:

@@ -73,6 +73,10 @@ class ModelSettings:
     max_inflight: int | None = None  # requests running or queued at once; None = the server's default
     max_message_bytes: int | None = None  # per-model override of the server's request size limit
     max_stream_rows: int | None = None  # per-model override of the server's rows-per-stream limit
+    # backend = "python" only (docs/python_models.md)
+    workers: int = 1  # worker processes running the model
+    parameters: dict[str, Any] = attrs.field(factory=dict, hash=False)  # handed to Model.load(context)
+    worker_timeout_s: float = 60.0  # a request running longer kills and replaces its worker
 
     @property
     def manifest_path(self) -> Path:
@@ -140,6 +144,13 @@ _MODEL_KEYS = {
     "name", "backend", "path", "version", "manifest", "execution_providers", "intra_threads",
     "inter_threads", "optimization_level", "parallel_execution", "memory_pattern", "instances",
     "max_batch_size", "dynamic_batching", "max_inflight", "max_message_bytes", "max_stream_rows",
+    "workers", "parameters", "worker_timeout_s",
+}
+# Keys that only one backend reads: given to another, they would be silently ignored, so they are refused.
+_BACKEND_ONLY_KEYS = {
+    "onnx": {"execution_providers", "intra_threads", "inter_threads", "optimization_level", "parallel_execution",
+             "memory_pattern", "instances"},
+    "python": {"workers", "parameters", "worker_timeout_s"},
 }
 _BATCHING_KEYS = {"max_batch_rows", "max_queue_delay_us", "preferred_batch_rows"}
 _SERVER_KEYS = {
@@ -178,7 +189,7 @@ def _typed(where: _Where, table: dict[str, Any], key: str, kind: type | tuple[ty
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", bool: "a boolean", float: "a number", list: "a list"}
+    names = {str: "a string", int: "an integer", bool: "a boolean", float: "a number", list: "a list", dict: "a table"}
     if isinstance(kind, tuple):
         return " or ".join(names.get(k, k.__name__) for k in kind)
     return names.get(kind, kind.__name__)
@@ -208,9 +219,13 @@ def _parse_model(table: Any, index: int, base: Path, source: Path | str) -> Mode
     if backend not in BACKEND_NAMES:
         supported = ", ".join(repr(b) for b in BACKEND_NAMES)
         raise where.error("backend", f"unsupported backend {backend!r}; supported: {supported}")
+    for owner, keys in _BACKEND_ONLY_KEYS.items():
+        foreign = sorted(k for k in keys if k in table) if owner != backend else []
+        if foreign:
+            raise where.error(foreign[0], f"applies to backend '{owner}' only; this model has backend '{backend}'")
     raw_path = _typed(where, table, "path", str, None)
     if not raw_path:
-        raise where.error("path", "is required (path to the .onnx file)")
+        raise where.error("path", "is required (the .onnx file, or the .py file of a python model)")
     path = (base / raw_path).resolve()
     raw_manifest = _typed(where, table, "manifest", str, None)
     manifest = (base / raw_manifest).resolve() if raw_manifest else None
@@ -243,6 +258,13 @@ def _parse_model(table: Any, index: int, base: Path, source: Path | str) -> Mode
     instances = _typed(where, table, "instances", int, 1)
     if instances < 1:
         raise where.error("instances", f"must be >= 1, got {instances}")
+    workers = _typed(where, table, "workers", int, 1)
+    if workers < 1:
+        raise where.error("workers", f"must be >= 1, got {workers}")
+    parameters = _typed(where, table, "parameters", dict, {})
+    worker_timeout = _typed(where, table, "worker_timeout_s", (int, float), 60.0)
+    if worker_timeout <= 0:
+        raise where.error("worker_timeout_s", f"must be > 0, got {worker_timeout}")
 
     return ModelSettings(
         name=name,
@@ -262,6 +284,9 @@ def _parse_model(table: Any, index: int, base: Path, source: Path | str) -> Mode
         max_inflight=_nonneg(where, "max_inflight", _typed(where, table, "max_inflight", int, 0)) or None,
         max_message_bytes=_nonneg(where, "max_message_bytes", _typed(where, table, "max_message_bytes", int, 0)) or None,
         max_stream_rows=_nonneg(where, "max_stream_rows", _typed(where, table, "max_stream_rows", int, 0)) or None,
+        workers=workers,
+        parameters=parameters,
+        worker_timeout_s=float(worker_timeout),
     )
 
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..errors import ModelLoadError
 from .base import Backend, TensorSpec
 
 if TYPE_CHECKING:
     from ..settings import ModelSettings
 
-__all__ = ["BACKEND_NAMES", "Backend", "TensorSpec", "backend_type", "create_backend"]
+__all__ = ["BACKEND_NAMES", "Backend", "TensorSpec", "backend_type", "create_backend", "signature_from_manifest"]
 
-BACKEND_NAMES = ("onnx",)  # the values of a model's ``backend`` key
+BACKEND_NAMES = ("onnx", "python")  # the values of a model's ``backend`` key
 
 
 def backend_type(name: str) -> type[Backend]:
@@ -24,9 +25,27 @@ def backend_type(name: str) -> type[Backend]:
         from .onnx import OnnxBackend
 
         return OnnxBackend
+    if name == "python":
+        from .python_worker import PythonBackend
+
+        return PythonBackend
     raise ValueError(f"unsupported backend {name!r}; supported: {', '.join(map(repr, BACKEND_NAMES))}")
 
 
-def create_backend(settings: ModelSettings) -> Backend:
-    """Load ``settings``' model with its backend; raises ModelLoadError with a client-safe reason."""
-    return backend_type(settings.backend)(settings)
+def signature_from_manifest(name: str) -> bool:
+    """Whether the backend has no signature of its own (a Python model has no graph), so a manifest
+    is required and ``create_backend`` is given the tensors the manifest declares."""
+    return bool(getattr(backend_type(name), "signature_from_manifest", False))
+
+
+def create_backend(
+    settings: ModelSettings, declared: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None = None
+) -> Backend:
+    """Load ``settings``' model with its backend; raises ModelLoadError with a client-safe reason.
+    ``declared`` (inputs, outputs) is given to backends whose signature comes from the manifest."""
+    cls = backend_type(settings.backend)
+    if getattr(cls, "signature_from_manifest", False):
+        if declared is None:
+            raise ModelLoadError(f"backend '{settings.backend}' needs a manifest")
+        return cls(settings, *declared)  # type: ignore[call-arg]
+    return cls(settings)

@@ -1,0 +1,107 @@
+"""A Python model's worker process: ``python -m iskander.backends.python_worker_main FD``.
+
+Started by ``python_worker.PythonBackend`` (spawned, never forked: the server has threads). It
+loads the operator's model file once, then answers one request at a time on the socket FD until
+the server closes it. Tracebacks go to stderr (the server's log); the server only ever gets the
+exception's type and message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import types
+from pathlib import Path
+
+import pyarrow as pa
+
+from .worker_wire import BATCH, INIT, LOAD_FAILED, RAISED, READY, batch_to_ipc, ipc_to_batch, recv_frame, send_frame
+
+
+def _die_with_parent() -> None:
+    # A worker stuck in predict never reads the socket's EOF, so a thread watches for the server's
+    # exit (re-parenting). Not PR_SET_PDEATHSIG: it fires when the spawning *thread* ends, and
+    # restarts are spawned from short-lived threads.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
+
+
+def _load(init: dict) -> object:
+    path = Path(init["path"])
+    spec = importlib.util.spec_from_file_location(f"iskander_model_{init['name']}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path.name}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cls = getattr(module, "Model", None)
+    if cls is None:
+        raise AttributeError(f"{path.name} defines no class Model")
+    model = cls()
+    context = types.SimpleNamespace(
+        name=init["name"], version=init["version"], model_dir=path.parent, parameters=init["parameters"],
+        worker=init["worker"],
+    )
+    load = getattr(model, "load", None)
+    if load is not None:
+        load(context)
+    return model
+
+
+def main(fd: int) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
+    sock = socket.socket(fileno=fd)
+    kind, payload = recv_frame(sock)
+    if kind != INIT:
+        return
+    init = json.loads(payload)
+    try:
+        model = _load(init)
+    except BaseException as exc:  # noqa: BLE001 - any failure of the user's file is a load error
+        traceback.print_exc()
+        send_frame(sock, LOAD_FAILED, _describe(exc).encode())
+        return
+    send_frame(sock, READY)
+    predict = model.predict  # type: ignore[attr-defined]
+    while True:
+        try:
+            kind, payload = recv_frame(sock)
+        except (EOFError, OSError):
+            return  # the server closed the socket or exited
+        try:
+            result = predict(ipc_to_batch(payload))
+            del payload
+            if isinstance(result, pa.Table):
+                result = result.combine_chunks().to_batches()[0] if result.num_rows else \
+                    pa.RecordBatch.from_pylist([], schema=result.schema)
+            if not isinstance(result, pa.RecordBatch):
+                raise TypeError(f"predict returned {type(result).__name__}, expected pyarrow.RecordBatch")
+            reply = batch_to_ipc(result)
+        except Exception as exc:  # noqa: BLE001 - fails this request only
+            traceback.print_exc()
+            send_frame(sock, RAISED, _describe(exc).encode())
+            continue
+        send_frame(sock, BATCH, reply)
+
+
+if __name__ == "__main__":
+    sys.stdout = sys.stderr  # the server's stdout carries its ready line; model prints go to the log
+    main(int(sys.argv[1]))
+    os._exit(0)
