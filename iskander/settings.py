@@ -73,7 +73,7 @@ class ModelSettings:
     max_inflight: int | None = None  # requests running or queued at once; None = the server's default
     max_message_bytes: int | None = None  # per-model override of the server's request size limit
     max_stream_rows: int | None = None  # per-model override of the server's rows-per-stream limit
-    # backend = "python" only (docs/python_models.md)
+    # backend = "python" / "sklearn" only (docs/python_models.md); parameters: "python" only
     workers: int = 1  # worker processes running the model
     parameters: dict[str, Any] = attrs.field(factory=dict, hash=False)  # handed to Model.load(context)
     worker_timeout_s: float = 60.0  # a request running longer kills and replaces its worker
@@ -146,11 +146,12 @@ _MODEL_KEYS = {
     "max_batch_size", "dynamic_batching", "max_inflight", "max_message_bytes", "max_stream_rows",
     "workers", "parameters", "worker_timeout_s",
 }
-# Keys that only one backend reads: given to another, they would be silently ignored, so they are refused.
+# Keys that only some backends read: given to another, they would be silently ignored, so they are refused.
 _BACKEND_ONLY_KEYS = {
-    "onnx": {"execution_providers", "intra_threads", "inter_threads", "optimization_level", "parallel_execution",
-             "memory_pattern", "instances"},
-    "python": {"workers", "parameters", "worker_timeout_s"},
+    **dict.fromkeys(("execution_providers", "intra_threads", "inter_threads", "optimization_level",
+                     "parallel_execution", "memory_pattern", "instances"), ("onnx",)),
+    **dict.fromkeys(("workers", "worker_timeout_s"), ("python", "sklearn")),
+    "parameters": ("python",),
 }
 _BATCHING_KEYS = {"max_batch_rows", "max_queue_delay_us", "preferred_batch_rows"}
 _SERVER_KEYS = {
@@ -219,13 +220,13 @@ def _parse_model(table: Any, index: int, base: Path, source: Path | str) -> Mode
     if backend not in BACKEND_NAMES:
         supported = ", ".join(repr(b) for b in BACKEND_NAMES)
         raise where.error("backend", f"unsupported backend {backend!r}; supported: {supported}")
-    for owner, keys in _BACKEND_ONLY_KEYS.items():
-        foreign = sorted(k for k in keys if k in table) if owner != backend else []
-        if foreign:
-            raise where.error(foreign[0], f"applies to backend '{owner}' only; this model has backend '{backend}'")
+    foreign = sorted(k for k, owners in _BACKEND_ONLY_KEYS.items() if k in table and backend not in owners)
+    if foreign:
+        owners = " or ".join(f"'{o}'" for o in _BACKEND_ONLY_KEYS[foreign[0]])
+        raise where.error(foreign[0], f"applies to backend {owners} only; this model has backend '{backend}'")
     raw_path = _typed(where, table, "path", str, None)
     if not raw_path:
-        raise where.error("path", "is required (the .onnx file, or the .py file of a python model)")
+        raise where.error("path", "is required (the .onnx file, the .py file of a python model, or an sklearn model's joblib file)")
     path = (base / raw_path).resolve()
     raw_manifest = _typed(where, table, "manifest", str, None)
     manifest = (base / raw_manifest).resolve() if raw_manifest else None

@@ -317,10 +317,15 @@ def test_missing_manifest_makes_only_that_model_unavailable(server, oip):
 
 
 def test_python_only_keys_are_refused_on_onnx_models(tmp_path):
-    for key in ("workers = 2", "parameters = { a = 1 }", "worker_timeout_s = 5"):
+    for key, owners in (("workers = 2", "'python' or 'sklearn'"), ("parameters = { a = 1 }", "'python'"),
+                        ("worker_timeout_s = 5", "'python' or 'sklearn'")):
         data = {"models": [{"name": "m", "path": "m.onnx", **_toml_kv(key)}]}
-        with pytest.raises(ConfigError, match=f"key '{key.split()[0]}': applies to backend 'python' only"):
+        with pytest.raises(ConfigError, match=f"key '{key.split()[0]}': applies to backend {owners} only"):
             parse_config(data, "c.toml", tmp_path)
+    data = {"models": [{"name": "m", "path": "m.joblib", "backend": "sklearn", "parameters": {"a": 1}}]}
+    with pytest.raises(ConfigError, match="key 'parameters': applies to backend 'python' only; this model has "
+                                          "backend 'sklearn'"):
+        parse_config(data, "c.toml", tmp_path)
     data = {"models": [{"name": "m", "path": "m.py", "backend": "python", "instances": 2}]}
     with pytest.raises(ConfigError, match="key 'instances': applies to backend 'onnx' only"):
         parse_config(data, "c.toml", tmp_path)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BACKEND_NAMES", "Backend", "TensorSpec", "backend_type", "create_backend", "signature_from_manifest"]
 
-BACKEND_NAMES = ("onnx", "python")  # the values of a model's ``backend`` key
+BACKEND_NAMES = ("onnx", "python", "sklearn")  # the values of a model's ``backend`` key
 
 
 def backend_type(name: str) -> type[Backend]:
@@ -29,6 +29,10 @@ def backend_type(name: str) -> type[Backend]:
         from .python_worker import PythonBackend
 
         return PythonBackend
+    if name == "sklearn":
+        from .python_worker import SklearnBackend
+
+        return SklearnBackend
     raise ValueError(f"unsupported backend {name!r}; supported: {', '.join(map(repr, BACKEND_NAMES))}")
 
 

@@ -45,7 +45,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holdin
 class _Worker:
     """One worker process and the server's end of its socket."""
 
-    def __init__(self, settings: ModelSettings, index: int) -> None:
+    def __init__(self, settings: ModelSettings, index: int, extra_init: Mapping[str, object]) -> None:
         self.index = index
         self.sock, child = socket.socketpair()
         # The worker imports this same iskander, whatever the server's working directory.
@@ -60,7 +60,7 @@ class _Worker:
             child.close()
         init = {
             "path": str(settings.path), "name": settings.name, "version": settings.version,
-            "parameters": settings.parameters, "worker": index,
+            "parameters": settings.parameters, "worker": index, **extra_init,
         }
         send_frame(self.sock, INIT, json.dumps(init, default=str).encode())  # TOML dates arrive as ISO text
 
@@ -104,6 +104,7 @@ class PythonBackend:
     backend_name = "python"
     instance_kind = "cpu"
     signature_from_manifest = True
+    model_module: str | None = None  # a built-in module defining Model, instead of the operator's file
 
     def __init__(self, settings: ModelSettings, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
         if not settings.path.is_file():
@@ -119,7 +120,13 @@ class PythonBackend:
         self._workers: set[_Worker] = set()  # alive, idle or busy; killed at close
         self._closed = False
         self.restarts = 0
-        started = [_Worker(settings, i) for i in range(settings.workers)]  # load in parallel
+        # What the worker's load(context) may check the model against (context.inputs / .outputs).
+        self._extra_init = {
+            "module": self.model_module,
+            "inputs": [{"name": t.name, "width": _width(t.shape[1:])} for t in inputs],
+            "outputs": [{"name": t.name, "element": str(t.element), "shape": list(t.shape[1:])} for t in outputs],
+        }
+        started = [_Worker(settings, i, self._extra_init) for i in range(settings.workers)]  # load in parallel
         self._workers.update(started)
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         for worker in started:
@@ -128,7 +135,7 @@ class PythonBackend:
                 self._closed = True
                 for w in started:
                     self._retire(w)
-                raise ModelLoadError(f"python model {settings.path.name} failed to load: {reason}")
+                raise ModelLoadError(f"{self.kind} model {settings.path.name} failed to load: {reason}")
             self._idle.put(worker)
 
     # --- requests ---------------------------------------------------------------------------------
@@ -247,7 +254,7 @@ class PythonBackend:
         delay = 0.5
         while not self._closed:
             started = time.monotonic()
-            worker = _Worker(self.settings, index)
+            worker = _Worker(self.settings, index, self._extra_init)
             with self._lock:
                 self._workers.add(worker)
             reason = worker.wait_ready(started + LOAD_TIMEOUT_S)
@@ -278,6 +285,25 @@ class PythonBackend:
             except queue.Empty:
                 break
             self._retire(worker)
+
+
+class SklearnBackend(PythonBackend):
+    """A joblib-saved scikit-learn estimator on the same workers: the Model is ``sklearn_model``."""
+
+    kind = "sklearn"
+    platform = "sklearn"
+    backend_name = "sklearn"
+    model_module = "iskander.backends.sklearn_model"
+
+
+def _width(row_shape: tuple[int | None, ...]) -> int | None:
+    """Values per row of a tensor (features it contributes); None when a dimension is not fixed."""
+    width = 1
+    for d in row_shape:
+        if d is None:
+            return None
+        width *= d
+    return width
 
 
 def _same_type(got: pa.DataType, want: pa.DataType) -> bool:

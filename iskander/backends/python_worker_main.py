@@ -8,6 +8,7 @@ exception's type and message.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -45,18 +46,21 @@ def _describe(exc: BaseException) -> str:
 
 def _load(init: dict) -> object:
     path = Path(init["path"])
-    spec = importlib.util.spec_from_file_location(f"iskander_model_{init['name']}", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path.name}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if init.get("module"):  # a built-in model (backend = "sklearn"); path is its data file
+        module = importlib.import_module(init["module"])
+    else:
+        spec = importlib.util.spec_from_file_location(f"iskander_model_{init['name']}", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {path.name}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     cls = getattr(module, "Model", None)
     if cls is None:
         raise AttributeError(f"{path.name} defines no class Model")
     model = cls()
     context = types.SimpleNamespace(
         name=init["name"], version=init["version"], model_dir=path.parent, parameters=init["parameters"],
-        worker=init["worker"],
+        worker=init["worker"], path=path, inputs=init.get("inputs", []), outputs=init.get("outputs", []),
     )
     load = getattr(model, "load", None)
     if load is not None:

@@ -1,0 +1,171 @@
+"""backend = "sklearn": a joblib-saved scikit-learn Pipeline served from worker processes.
+
+The worked example (configs/churn-sklearn) is rebuilt into tmp_path by its own build script and
+served by a real server process over Flight and OIP; labels and probabilities are compared with
+the same estimator's predict / predict_proba run in this process. Beside it: a model fitted on a
+DataFrame (named features), and one whose manifest gives the wrong feature count.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+import tritonclient.grpc as triton
+
+from helpers import exchange, serving
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "churn-sklearn"
+
+
+def _load_build_script():
+    spec = importlib.util.spec_from_file_location("churn_sklearn_build_model", EXAMPLE / "build_model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_model = _load_build_script()
+
+NAMED_MANIFEST = '''
+[[inputs]]
+name = "tenure_months"
+type = "float64"
+[[inputs]]
+name = "plan"
+type = "utf8"
+[[outputs]]
+name = "churned"
+tensor = "label"
+type = "int64"
+'''
+
+CONFIG = '''
+[[models]]
+name = "churn-sklearn"
+backend = "sklearn"
+path = "churn-sklearn/churn.joblib"
+workers = 2
+
+[[models]]
+name = "named"
+backend = "sklearn"
+path = "named.joblib"
+
+[[models]]
+name = "six-features"
+backend = "sklearn"
+path = "six.joblib"
+manifest = "churn-sklearn/churn.manifest.toml"
+'''
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("sklearn_models")
+    assert build_model.build(d / "churn-sklearn") == d / "churn-sklearn" / "churn.joblib"
+    from sklearn.compose import make_column_transformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    # fitted on a DataFrame: the ColumnTransformer selects its columns by name
+    frame = pd.DataFrame({"tenure_months": [1.0, 30.0, 2.0, 40.0, 3.0, 50.0], "plan": ["a", "b", "a", "b", "c", "c"]})
+    named = make_pipeline(
+        make_column_transformer((StandardScaler(), ["tenure_months"]), (OneHotEncoder(), ["plan"])),
+        LogisticRegression(),
+    ).fit(frame, [1, 0, 1, 0, 1, 0])
+    joblib.dump(named, d / "named.joblib")
+    (d / "named.manifest.toml").write_text(NAMED_MANIFEST)
+    x, y = build_model.make_data(200)
+    joblib.dump(LogisticRegression().fit(np.column_stack([x, x[:, :1]]), y), d / "six.joblib")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path):
+    with serving(folder, CONFIG) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def oip(server):
+    client = triton.InferenceServerClient(server.grpc_url)
+    yield client
+    client.close()
+
+
+def customers(n: int, seed: int) -> tuple[pa.RecordBatch, np.ndarray]:
+    x, _ = build_model.make_data(n, seed)
+    columns = [pa.array([f"c{i}" for i in range(n)])] + [pa.array(x[:, j]) for j in range(x.shape[1])]
+    return pa.RecordBatch.from_arrays(columns, names=["customer_id", *build_model.FEATURES]), x
+
+
+def test_committed_manifest_is_what_the_build_script_writes():
+    assert (EXAMPLE / "churn.manifest.toml").read_text() == build_model.MANIFEST
+
+
+def test_flight_matches_the_estimator_run_in_process(server, folder):
+    batch, x = customers(300, seed=5)
+    (answer,) = exchange(server.flight_uri, "churn-sklearn", [batch])
+    pipeline = joblib.load(folder / "churn-sklearn" / "churn.joblib")
+    assert answer.schema.names == ["customer_id", "label", "probabilities"]
+    assert answer.schema.field("probabilities").type == pa.list_(pa.float32(), 2)
+    assert answer.column("customer_id").to_pylist() == batch.column("customer_id").to_pylist()
+    labels = answer.column("label").to_pylist()
+    assert labels == list(pipeline.predict(x)) and set(labels) == {"churn", "stay"}
+    proba = answer.column("probabilities").flatten().to_numpy().reshape(300, 2)
+    np.testing.assert_allclose(proba, pipeline.predict_proba(x), rtol=1e-6, atol=1e-7)
+
+
+def test_oip_matches_the_estimator_run_in_process(oip, folder):
+    _, x = customers(40, seed=6)
+    ids = triton.InferInput("customer_id", [40], "BYTES")
+    ids.set_data_from_numpy(np.array([f"c{i}".encode() for i in range(40)], dtype=object))
+    inputs = [ids]
+    for j, name in enumerate(build_model.FEATURES):
+        inp = triton.InferInput(name, [40], "FP64")
+        inp.set_data_from_numpy(np.ascontiguousarray(x[:, j]))
+        inputs.append(inp)
+    outputs = [triton.InferRequestedOutput("label"), triton.InferRequestedOutput("probabilities")]
+    result = oip.infer("churn-sklearn", inputs, outputs=outputs, client_timeout=30)
+    pipeline = joblib.load(folder / "churn-sklearn" / "churn.joblib")
+    labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label").reshape(-1)]
+    assert labels == list(pipeline.predict(x))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), pipeline.predict_proba(x), rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_fitted_on_a_dataframe_gets_its_named_columns(server, folder):
+    frame = pd.DataFrame({"tenure_months": [0.5, 45.0, 2.5, 60.0], "plan": ["a", "b", "c", "a"]})
+    batch = pa.RecordBatch.from_arrays([pa.array(frame["tenure_months"].to_numpy()), pa.array(list(frame["plan"]))],
+                                       names=["tenure_months", "plan"])
+    (answer,) = exchange(server.flight_uri, "named", [batch])
+    want = joblib.load(folder / "named.joblib").predict(frame)
+    assert answer.schema.field("churned").type == pa.int64()
+    assert answer.column("churned").to_pylist() == list(want)
+
+
+def test_a_feature_count_mismatch_makes_only_that_model_unavailable(server, oip):
+    batch, _ = customers(3, seed=7)
+    with pytest.raises(flight.FlightUnavailableError) as info:
+        exchange(server.flight_uri, "six-features", [batch])
+    message = str(info.value)
+    assert "sklearn model six.joblib failed to load" in message
+    assert "model 'six-features': the manifest's inputs give 5 features per row but the estimator was fitted on 6" \
+        in message
+    assert not oip.is_model_ready("six-features")
+    assert oip.is_model_ready("churn-sklearn") and oip.is_model_ready("named")
+
+
+def test_triton_config_names_the_sklearn_backend(oip):
+    config = oip.get_model_config("churn-sklearn", as_json=True, client_timeout=10)["config"]
+    assert config["platform"] == "sklearn" and config["backend"] == "sklearn"
+    assert int(config["instance_group"][0]["count"]) == 2
