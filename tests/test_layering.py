@@ -85,6 +85,12 @@ def test_only_the_onnx_backend_imports_onnx_runtime():
     assert _violations(set(MODULES) - allowed, RUNTIMES) == []
 
 
+def test_only_the_sklearn_model_imports_joblib_or_sklearn():
+    # joblib.load unpickles: it belongs in the worker-side model, never in the server process
+    allowed = {"iskander.backends.sklearn_model"}
+    assert _violations(set(MODULES) - allowed, ("joblib", "sklearn", "pandas")) == []
+
+
 def test_core_layers_import_no_protocol():
     backends = {m for m in MODULES if _under(m, ("iskander.backends",))}
     assert _violations(CORE | backends, PROTOCOLS) == []

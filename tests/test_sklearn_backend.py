@@ -109,6 +109,21 @@ def customers(n: int, seed: int) -> tuple[pa.RecordBatch, np.ndarray]:
     return pa.RecordBatch.from_arrays(columns, names=["customer_id", *build_model.FEATURES]), x
 
 
+def test_the_example_config_loads_and_serves(folder):
+    from iskander.registry import ModelRegistry, ModelState
+    from iskander.settings import load_config
+
+    config = folder / "churn-sklearn.toml"  # beside the built churn-sklearn/, as in configs/
+    shutil.copy(EXAMPLE.parent / "churn-sklearn.toml", config)
+    registry = ModelRegistry(load_config(config).models)
+    registry.load_all()
+    try:
+        assert [(e.name, e.state) for e in registry.all()] == [("churn-sklearn", ModelState.READY)], \
+            [e.reason for e in registry.all()]
+    finally:
+        registry.close()
+
+
 def test_committed_manifest_is_what_the_build_script_writes():
     assert (EXAMPLE / "churn.manifest.toml").read_text() == build_model.MANIFEST
 
