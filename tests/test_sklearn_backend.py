@@ -65,6 +65,12 @@ name = "six-features"
 backend = "sklearn"
 path = "six.joblib"
 manifest = "churn-sklearn/churn.manifest.toml"
+
+[[models]]
+name = "three-probabilities"
+backend = "sklearn"
+path = "churn-sklearn/churn.joblib"
+manifest = "three.manifest.toml"
 '''
 
 
@@ -85,6 +91,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ).fit(frame, [1, 0, 1, 0, 1, 0])
     joblib.dump(named, d / "named.joblib")
     (d / "named.manifest.toml").write_text(NAMED_MANIFEST)
+    (d / "three.manifest.toml").write_text(build_model.MANIFEST.replace("float32>[2]", "float32>[3]"))
     x, y = build_model.make_data(200)
     joblib.dump(LogisticRegression().fit(np.column_stack([x, x[:, :1]]), y), d / "six.joblib")
     return d
@@ -178,6 +185,15 @@ def test_a_feature_count_mismatch_makes_only_that_model_unavailable(server, oip)
         in message
     assert not oip.is_model_ready("six-features")
     assert oip.is_model_ready("churn-sklearn") and oip.is_model_ready("named")
+
+
+def test_probabilities_of_the_wrong_width_are_refused_at_load(server, oip):
+    batch, _ = customers(3, seed=8)
+    with pytest.raises(flight.FlightUnavailableError) as info:
+        exchange(server.flight_uri, "three-probabilities", [batch])
+    assert "model 'three-probabilities': output 'probabilities' must be declared fixed_size_list<float32>[2]" \
+        in str(info.value)
+    assert not oip.is_model_ready("three-probabilities") and oip.is_model_ready("churn-sklearn")
 
 
 def test_triton_config_names_the_sklearn_backend(oip):

@@ -43,17 +43,19 @@ class Model:
             if manifest_names != self.feature_names:
                 raise ValueError(f"{where}: the manifest's inputs {manifest_names} are not the estimator's "
                                  f"features in fitted order {self.feature_names} (feature_names_in_)")
-        self.types = {name: _arrow_type(t) for name, t in self.outputs.items()}
         classes = getattr(self.estimator, "classes_", None)
         if "probabilities" in self.outputs:
             if not hasattr(self.estimator, "predict_proba"):
                 raise ValueError(f"{where}: output 'probabilities' needs predict_proba, which "
                                  f"{type(self.estimator).__name__} does not have")
             width = self.outputs["probabilities"]["shape"]
-            if classes is not None and width != [len(classes)]:
-                raise ValueError(f"{where}: output 'probabilities' has {width} values per row in the manifest but "
-                                 f"the estimator has {len(classes)} classes; declare fixed_size_list<float32>"
-                                 f"[{len(classes)}]")
+            if len(width) != 1 or width[0] is None or (classes is not None and width != [len(classes)]):
+                n = "n_classes" if classes is None else len(classes)
+                raise ValueError(f"{where}: output 'probabilities' must be declared fixed_size_list<float32>[{n}] "
+                                 f"(one value per class of the estimator)")
+        if "label" in self.outputs and self.outputs["label"]["shape"]:
+            raise ValueError(f"{where}: output 'label' must be a scalar column (one class per row)")
+        self.types = {name: _arrow_type(t) for name, t in self.outputs.items()}
         if "label" in self.outputs and classes is not None:
             try:
                 pa.array(np.asarray(classes)).cast(self.types["label"])
