@@ -152,6 +152,10 @@ class Metrics:
         meter.create_observable_gauge(
             "iskander.model.ready", [self._ready], unit="1",
             description="1 if the model version is READY to serve, else 0.")
+        meter.create_observable_counter(
+            "iskander.worker.restarts", [self._restarts], unit="{restart}",
+            description="Worker processes restarted after dying or hanging (python and sklearn backends; "
+                        "counts from the model version's load).")
         # Calls that failed before reaching a model (unknown model, bad descriptor, ...).
         self._rpc_failures.append(meter.create_counter(
             "iskander.rpc.failure", unit="{call}",
@@ -251,6 +255,12 @@ class Metrics:
     def _queued(self, options: CallbackOptions) -> Iterable[Observation]:
         for entry in self._entries():
             yield Observation(entry.batcher.queued() if entry.batcher is not None else 0, _labels(entry))
+
+    def _restarts(self, options: CallbackOptions) -> Iterable[Observation]:
+        for entry in self._entries():
+            restarts = getattr(entry.backend, "restarts", None)
+            if restarts is not None:
+                yield Observation(restarts, _labels(entry))
 
     def _ready(self, options: CallbackOptions) -> Iterable[Observation]:
         from .registry import ModelState

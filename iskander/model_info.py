@@ -66,4 +66,12 @@ def statistics(registry: ModelRegistry, name: str | None = None, version: str | 
     else:
         registry.find(name)  # raises NOT_FOUND for an unknown model
         entries = registry.versions(name)
-    return [e.stats.snapshot() for e in entries if e.stats is not None]
+    return [_with_restarts(e.stats.snapshot(), e) for e in entries if e.stats is not None]
+
+
+def _with_restarts(snapshot: dict[str, Any], entry: ModelVersion) -> dict[str, Any]:
+    """Worker-process backends (python, sklearn) add how many workers they restarted since load."""
+    restarts = getattr(entry.backend, "restarts", None)
+    if restarts is not None:
+        snapshot["worker_restarts"] = restarts
+    return snapshot

@@ -8,10 +8,12 @@ only their request, and the model serves again afterwards.
 from __future__ import annotations
 
 import importlib.util
+import json
 import textwrap
 import threading
 import time
 import types
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,9 @@ class Model:
 '''
 
 CONFIG = '''
+[observability]
+metrics_port = 0
+
 [[models]]
 name = "churn-rules"
 backend = "python"
@@ -286,6 +291,14 @@ def test_a_worker_that_exits_is_restarted(server, oip):
     assert str(info.value.status()) == "StatusCode.UNAVAILABLE" and "'faulty'" in info.value.message()
     wait_for_recovery(server, "faulty", 1.0, 2.0)
     assert "model faulty worker 0 restarted" in server.log()
+    # counted: the Flight statistics action and the Prometheus counter read the backend's count
+    client = flight.connect(server.flight_uri)
+    stats = json.loads(next(iter(client.do_action(flight.Action("statistics", b"faulty")))).body.to_pybytes())
+    client.close()
+    restarts = stats[0]["worker_restarts"]
+    assert restarts >= 2
+    scrape = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert f'iskander_worker_restarts_total{{model="faulty",version="1"}} {float(restarts)}' in scrape
 
 
 def test_a_hung_worker_is_replaced_after_worker_timeout(server):
