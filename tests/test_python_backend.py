@@ -365,3 +365,41 @@ def test_workers_stop_with_the_server(tmp_path):
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_dynamic_batching_merges_requests_for_a_python_model(folder, tmp_path):
+    """Concurrent requests to a batched python model run as fewer worker calls, and each request
+    still gets exactly its own rows' answers (compared with the model run in process)."""
+    config = f'''
+[[models]]
+name = "churn-rules"
+backend = "python"
+path = "{folder}/churn_rules.py"
+workers = 1
+parameters = {{ threshold = 0.7, weights = [0.5, 0.25, 0.25] }}
+dynamic_batching = {{ max_queue_delay_us = 100000, max_batch_rows = 256 }}
+'''
+    with serving(tmp_path, config) as srv:
+        batches = [churn_batch(5 + i, seed=i) for i in range(12)]
+        barrier = threading.Barrier(len(batches))
+
+        def one(batch: pa.RecordBatch) -> pa.RecordBatch:
+            barrier.wait(timeout=10)
+            return exchange(srv.flight_uri, "churn-rules", [batch])[0]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(batches)) as pool:
+            answers = list(pool.map(one, batches, timeout=60))
+        for batch, answer in zip(batches, answers):
+            expected = in_process(folder, batch)
+            np.testing.assert_allclose(answer.column("score").to_numpy(), expected.column("score").to_numpy(),
+                                       rtol=1e-6)
+            assert answer.column("churn").to_pylist() == expected.column("churn").to_pylist()
+        client = flight.connect(srv.flight_uri)
+        stats = json.loads(next(iter(client.do_action(flight.Action("statistics", b"churn-rules")))).body.to_pybytes())
+        client.close()
+        s = stats[0]
+        assert s["inference_stats"]["success"]["count"] == len(batches)
+        assert s["inference_count"] == sum(b.num_rows for b in batches)
+        assert s["execution_count"] < len(batches), s  # merged into fewer predict calls
