@@ -37,10 +37,3 @@ def error_details(exc: BaseException) -> dict[str, Any]:
                 return data if isinstance(data, dict) else {}
     return {}
 
-
-def error_message(exc: BaseException) -> str:
-    """The server's message without gRPC/Arrow decoration (no ". Detail: ...")."""
-    details = error_details(exc)
-    if "message" in details:
-        return str(details["message"])
-    return str(exc).split(_DETAIL, 1)[0]

@@ -3,13 +3,11 @@ are split back correctly, and a request the model rejects fails alone."""
 
 from __future__ import annotations
 
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.flight as flight
 import pytest
 
 from iskander.flight_status import error_details

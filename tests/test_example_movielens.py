@@ -9,7 +9,6 @@ Never import iskander._proto here (tritonclient defines the same protobuf symbol
 from __future__ import annotations
 
 import importlib.util
-import json
 import tomllib
 from pathlib import Path
 

@@ -11,7 +11,6 @@ Never import iskander._proto here (tritonclient defines the same protobuf symbol
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
-import pyarrow.flight as flight
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException

@@ -6,7 +6,6 @@ This is the start of issue 6's hostile-input suite; the count of cases tried is 
 
 from __future__ import annotations
 
-import json
 
 import grpc
 import numpy as np

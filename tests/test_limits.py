@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.flight as flight
 import pytest
 
 from iskander.flight_status import error_details

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pyarrow as pa
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc

@@ -105,7 +105,7 @@ def _action_target(body: bytes) -> tuple[str | None, str | None]:
         data = _json_body(body)
         name, version = data.get("name"), data.get("version")
         for key, value in (("name", name), ("version", version)):
-            if value is not None and not isinstance(value, (str, int)) or isinstance(value, bool):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
                 raise InvalidInput(f"action body key '{key}' must be a string, got {type(value).__name__}")
         return (str(name) if name else None), (str(version) if version is not None else None)
     return text, None
@@ -380,10 +380,6 @@ class AdmissionFactory(flight.ServerMiddlewareFactory):
     def release(self) -> None:
         with self._lock:
             self._open -= 1
-
-    @property
-    def open_streams(self) -> int:
-        return self._open
 
 
 class TraceHeaders(flight.ServerMiddleware):
