@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from iskander.backends.base import TensorSpec
 from iskander.backends.python_worker import PythonBackend
-from iskander.settings import ModelSettings
+from iskander.config.settings import ModelSettings
 
 MODEL = '''
 import pyarrow as pa

@@ -29,7 +29,7 @@ import pyarrow.flight as flight
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from iskander.flight_status import error_details
+from iskander.client.flight_status import error_details
 from iskander.launch import spawn_server
 
 CLIENT_ERRORS = ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE")

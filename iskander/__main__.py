@@ -2,10 +2,10 @@ import sys
 
 if len(sys.argv) > 1 and sys.argv[1] == "score":
     # the batch-scoring client: a separate command that imports no server code
-    from .score_cli import main as score_main
+    from iskander.scoring.cli import main as score_main
 
     score_main(args=sys.argv[2:], prog_name="python -m iskander score")
 else:
-    from .cli import main
+    from iskander.cli import main
 
     main(prog_name="python -m iskander")

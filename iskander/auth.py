@@ -11,7 +11,7 @@ import hmac
 import os
 from pathlib import Path
 
-from .errors import ConfigError
+from iskander.errors import ConfigError
 
 ENV_VAR = "ISKANDER_AUTH_TOKENS"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import attrs
 import click
 
-from .errors import ConfigError
-from .logs import setup_logging
-from .settings import DEFAULT_METRICS_PORT, LOG_FORMATS, default_config_path, load_config
+from iskander.errors import ConfigError
+from iskander.observability.logs import setup_logging
+from iskander.config.settings import DEFAULT_METRICS_PORT, LOG_FORMATS, default_config_path, load_config
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,7 +62,7 @@ def main(config_path: Path | None, host: str | None, flight_port: int | None, gr
                                    ("tls_key", tls_key and tls_key.resolve())) if v is not None}
     settings = attrs.evolve(settings, server=attrs.evolve(settings.server, **overrides))
 
-    from .server import IskanderServer  # heavy imports only once the config is known good
+    from iskander.server import IskanderServer  # heavy imports only once the config is known good
 
     try:
         clean = IskanderServer(settings).run()

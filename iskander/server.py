@@ -7,14 +7,14 @@ import signal
 import threading
 import time
 
-from .auth import TlsFiles, load_tokens
-from .core import InferenceCore, server_version
-from .frontends.flight import make_flight_server
-from .frontends.flight_errors import hide_tracebacks
-from .frontends.oip_server import make_grpc_server, set_health
-from .observer import Observer
-from .registry import ModelRegistry
-from .settings import Settings
+from iskander.auth import TlsFiles, load_tokens
+from iskander.core.dataplane import InferenceCore, server_version
+from iskander.frontends.flight import make_flight_server
+from iskander.frontends.flight_errors import hide_tracebacks
+from iskander.frontends.oip_server import make_grpc_server, set_health
+from iskander.observability.observer import Observer
+from iskander.core.registry import ModelRegistry
+from iskander.config.settings import Settings
 
 log = logging.getLogger("iskander.server")
 
@@ -32,8 +32,8 @@ class IskanderServer:
             # imported only when asked for: no OpenTelemetry SDK objects otherwise
             from opentelemetry.sdk.resources import Resource
 
-            from .metrics import Metrics
-            from .tracing import Tracing
+            from iskander.observability.metrics import Metrics
+            from iskander.observability.tracing import Tracing
 
             resource = Resource.create({"service.name": obs.service_name, "service.version": server_version()})
             self.observer.metrics = Metrics(self.core, obs, resource)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from iskander.flight_status import error_details
+from iskander.client.flight_status import error_details
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
@@ -138,9 +138,9 @@ def test_single_large_request_runs_without_waiting(batched_server, models_dir):
 def test_requests_racing_a_closed_batcher_still_get_answers(models_dir):
     """A request queued just as its model is unloaded or reloaded (batcher closed) is answered,
     never left waiting."""
-    from iskander.batcher import Batcher
+    from iskander.core.batcher import Batcher
     from iskander.backends.onnx import OnnxBackend
-    from iskander.settings import DynamicBatching, ModelSettings
+    from iskander.config.settings import DynamicBatching, ModelSettings
 
     backend = OnnxBackend(ModelSettings(name="t", path=models_dir / "tabular.onnx"))
     batcher = Batcher(backend, ["probability"], DynamicBatching(max_batch_rows=64, max_queue_delay_us=0), "t")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from iskander.errors import ConfigError
-from iskander.settings import default_config_path, load_config
+from iskander.config.settings import default_config_path, load_config
 
 RUST_README_CONFIG = """\
 [[models]]
@@ -45,7 +45,7 @@ def test_rust_readme_config_loads_and_serves(tmp_path, models_dir):
     assert m.execution_providers == ("cpu",)
     assert m.manifest_path == model.with_name("two_tower.manifest.toml")
 
-    from iskander.registry import ModelRegistry, ModelState
+    from iskander.core.registry import ModelRegistry, ModelState
 
     registry = ModelRegistry(settings.models)
     registry.load_all()
@@ -156,7 +156,7 @@ def test_bad_manifest_fails_that_model_only(tmp_path, models_dir):
     (tmp_path / "ok.onnx").write_bytes((models_dir / "tabular.onnx").read_bytes())
     (tmp_path / "ok.manifest.toml").write_text((models_dir / "tabular.manifest.toml").read_text())
     cfg = write(tmp_path, '[[models]]\nname = "t"\npath = "t.onnx"\n[[models]]\nname = "ok"\npath = "ok.onnx"\n')
-    from iskander.registry import ModelRegistry, ModelState
+    from iskander.core.registry import ModelRegistry, ModelState
 
     registry = ModelRegistry(load_config(cfg).models)
     registry.load_all()
@@ -167,7 +167,7 @@ def test_bad_manifest_fails_that_model_only(tmp_path, models_dir):
 
 
 def test_shipped_example_configs_load_and_serve():
-    from iskander.registry import ModelRegistry, ModelState
+    from iskander.core.registry import ModelRegistry, ModelState
 
     # churn-sklearn's joblib file is built, not committed: test_sklearn_backend serves that config
     configs = sorted(c for c in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml")

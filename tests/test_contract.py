@@ -9,11 +9,11 @@ import pyarrow as pa
 import pytest
 
 from data import fsl, tabular_batch, two_tower_batch
-from iskander.arrow_tensor import compile_writer, from_ndarray, to_ndarray
+from iskander.arrow.tensor import compile_writer, from_ndarray, to_ndarray
 from iskander.errors import InvalidInput
 from iskander.frontends.oip_codec import TensorDecoder, encode_column
-from iskander.registry import ModelState, load_model
-from iskander.settings import ModelSettings
+from iskander.core.registry import ModelState, load_model
+from iskander.config.settings import ModelSettings
 from models import reference
 
 

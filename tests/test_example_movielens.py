@@ -22,10 +22,10 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from helpers import exchange
-from iskander.flight_status import error_details
+from iskander.client.flight_status import error_details
 from iskander.launch import spawn_server
 from models import server_session
-from iskander.manifest import load_manifest
+from iskander.contract.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "movielens-two-tower.toml"

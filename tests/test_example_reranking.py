@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from helpers import exchange, serving
 from models import server_session
-from iskander.flight_status import error_details
+from iskander.client.flight_status import error_details
 from iskander.launch import ServerProcess, spawn_server
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "reranking"

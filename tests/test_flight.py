@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from iskander.flight_status import error_details
+from iskander.client.flight_status import error_details
 
 from data import dtypes_batch, dtypes_feeds, fsl, tabular_batch, two_tower_batch
 from helpers import exchange as shared_exchange

@@ -16,7 +16,7 @@ import pyarrow.flight as flight
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from iskander.flight_status import error_details
+from iskander.client.flight_status import error_details
 from iskander.launch import spawn_server
 
 from data import dtypes_batch, dtypes_feeds, tabular_batch

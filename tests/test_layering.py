@@ -16,17 +16,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "iskander"
 
 # Layers below the frontends: protocol-agnostic, so neither gRPC nor Flight nor any frontend.
 CORE = {
-    "iskander.core", "iskander.registry", "iskander.contract", "iskander.batcher", "iskander.stats",
-    "iskander.observer", "iskander.settings", "iskander.manifest", "iskander.errors", "iskander.text",
-    "iskander.model_info", "iskander.arrow_types", "iskander.arrow_tensor", "iskander.arrow_checks",
+    "iskander.core.dataplane", "iskander.core.registry", "iskander.contract.compile", "iskander.core.batcher", "iskander.observability.stats",
+    "iskander.observability.observer", "iskander.config.settings", "iskander.contract.manifest", "iskander.errors", "iskander.text",
+    "iskander.core.control", "iskander.arrow.types", "iskander.arrow.tensor", "iskander.arrow.checks",
 }
 PROTOCOLS = ("grpc", "grpc_health", "pyarrow.flight", "iskander.frontends", "iskander._proto")
 RUNTIMES = ("onnxruntime", "onnx")
 # What the contract and the backends may import from iskander (everything else is above them).
-CONTRACT_MAY_IMPORT = ("iskander.arrow_types", "iskander.arrow_tensor", "iskander.errors", "iskander.manifest",
+CONTRACT_MAY_IMPORT = ("iskander.arrow.types", "iskander.arrow.tensor", "iskander.errors", "iskander.contract.manifest",
                        "iskander.text", "iskander.backends.base")
-BACKENDS_MAY_IMPORT = ("iskander.backends", "iskander.arrow_types", "iskander.arrow_tensor", "iskander.errors",
-                       "iskander.settings", "iskander.text")
+BACKENDS_MAY_IMPORT = ("iskander.backends", "iskander.arrow.types", "iskander.arrow.tensor", "iskander.errors",
+                       "iskander.config.settings", "iskander.text")
 
 
 def module_name(path: Path) -> str:
@@ -104,7 +104,7 @@ def test_above_the_backends_only_the_interface_is_visible():
 
 
 def test_contract_imports_only_what_lies_below_it():
-    bad = [i for i in MODULES["iskander.contract"] if _under(i, ("iskander",)) and not _under(i, CONTRACT_MAY_IMPORT)]
+    bad = [i for i in MODULES["iskander.contract.compile"] if _under(i, ("iskander",)) and not _under(i, CONTRACT_MAY_IMPORT)]
     assert bad == []
 
 
@@ -115,12 +115,12 @@ def test_backends_import_nothing_above_them():
 
 
 @pytest.mark.parametrize(("source", "module", "expected"), [
-    ("import onnxruntime as ort", "iskander.contract", "onnxruntime"),
-    ("def f():\n    from onnx import helper", "iskander.core", "onnx.helper"),
-    ("from .frontends import flight", "iskander.registry", "iskander.frontends.flight"),
+    ("import onnxruntime as ort", "iskander.contract.compile", "onnxruntime"),
+    ("def f():\n    from onnx import helper", "iskander.core.dataplane", "onnx.helper"),
+    ("from ..frontends import flight", "iskander.core.registry", "iskander.frontends.flight"),
     ("from ..frontends.oip import x", "iskander.backends.onnx", "iskander.frontends.oip"),
     ("from .onnx import OnnxBackend", "iskander.backends", "iskander.backends.onnx"),
-    ("from pyarrow import flight", "iskander.core", "pyarrow.flight"),
+    ("from pyarrow import flight", "iskander.core.dataplane", "pyarrow.flight"),
 ])
 def test_the_checker_sees_imports(source, module, expected):
     """The rules above are only as good as this resolution of relative and nested imports."""

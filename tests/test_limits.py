@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from iskander.flight_status import error_details
+from iskander.client.flight_status import error_details
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 

@@ -22,7 +22,7 @@ import iskander.demo
 from data import fsl
 from helpers import serving
 from iskander.client import IskanderClient
-from iskander.score import ProgressBar, ScoreOptions, score
+from iskander.scoring.score import ProgressBar, ScoreOptions, score
 from models import reference
 
 MOVIELENS = Path(iskander.demo.__file__).parent / "movielens_two_tower.onnx"
@@ -220,7 +220,7 @@ import json, sys
 from pathlib import Path
 import pyarrow as pa
 from iskander.client import IskanderClient
-from iskander.score import ScoreOptions, score
+from iskander.scoring.score import ScoreOptions, score
 
 def rss(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import ModelLoadError
-from .base import Backend, TensorSpec
+from iskander.errors import ModelLoadError
+from iskander.backends.base import Backend, TensorSpec
 
 if TYPE_CHECKING:
-    from ..settings import ModelSettings
+    from iskander.config.settings import ModelSettings
 
 __all__ = ["BACKEND_NAMES", "Backend", "TensorSpec", "backend_type", "create_backend", "signature_from_manifest"]
 
@@ -22,15 +22,15 @@ BACKEND_NAMES = ("onnx", "python", "sklearn")  # the values of a model's ``backe
 def backend_type(name: str) -> type[Backend]:
     """The implementation class for a ``backend`` setting (validated by settings already)."""
     if name == "onnx":
-        from .onnx import OnnxBackend
+        from iskander.backends.onnx import OnnxBackend
 
         return OnnxBackend
     if name == "python":
-        from .python_worker import PythonBackend
+        from iskander.backends.python_worker import PythonBackend
 
         return PythonBackend
     if name == "sklearn":
-        from .python_worker import SklearnBackend
+        from iskander.backends.python_worker import SklearnBackend
 
         return SklearnBackend
     raise ValueError(f"unsupported backend {name!r}; supported: {', '.join(map(repr, BACKEND_NAMES))}")

@@ -15,10 +15,10 @@ import onnxruntime as ort
 import pyarrow as pa
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from ..arrow_types import BFLOAT16
-from ..errors import InternalError, InvalidInput, ModelLoadError
-from ..settings import EXECUTION_PROVIDERS, ModelSettings
-from .base import TensorSpec
+from iskander.arrow.types import BFLOAT16
+from iskander.errors import InternalError, InvalidInput, ModelLoadError
+from iskander.config.settings import EXECUTION_PROVIDERS, ModelSettings
+from iskander.backends.base import TensorSpec
 
 _GRAPH_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -30,11 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..arrow_types import nest_type, type_name
-from ..errors import DeadlineExceeded, InternalError, ModelLoadError, ModelNotReady
-from ..settings import ModelSettings
-from .base import TensorSpec
-from .worker_wire import BATCH, INIT, LOAD_FAILED, RAISED, READY, batch_to_ipc, ipc_to_batch, recv_frame, send_frame
+from iskander.arrow.types import nest_type, type_name
+from iskander.errors import DeadlineExceeded, InternalError, ModelLoadError, ModelNotReady
+from iskander.config.settings import ModelSettings
+from iskander.backends.base import TensorSpec
+from iskander.backends.worker_wire import BATCH, INIT, LOAD_FAILED, RAISED, READY, batch_to_ipc, ipc_to_batch, recv_frame, send_frame
 
 log = logging.getLogger("iskander.backends.python")
 

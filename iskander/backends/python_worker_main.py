@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .worker_wire import BATCH, INIT, LOAD_FAILED, RAISED, READY, batch_to_ipc, ipc_to_batch, recv_frame, send_frame
+from iskander.backends.worker_wire import BATCH, INIT, LOAD_FAILED, RAISED, READY, batch_to_ipc, ipc_to_batch, recv_frame, send_frame
 
 
 def _die_with_parent() -> None:

@@ -1,1 +1,1 @@
-"""Protocol frontends: thin translators between a wire protocol and ``iskander.core``."""
+"""Protocol frontends: thin translators between a wire protocol and ``iskander.core.dataplane``."""

@@ -23,14 +23,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..auth import TlsFiles, TokenAuth
-from ..core import InferenceCore
-from ..arrow_checks import check_batch, needs_full
-from ..errors import InvalidInput, ModelNotReady, ResourceExhausted, Unimplemented
-from ..text import clip
-from ..model_info import describe, repository_index, statistics
-from ..registry import ModelState, ModelVersion
-from .flight_errors import flight_errors, flight_errors_gen, to_flight_error
+from iskander.auth import TlsFiles, TokenAuth
+from iskander.core.dataplane import InferenceCore
+from iskander.arrow.checks import check_batch, needs_full
+from iskander.errors import InvalidInput, ModelNotReady, ResourceExhausted, Unimplemented
+from iskander.text import clip
+from iskander.core.control import describe, repository_index, statistics
+from iskander.core.registry import ModelState, ModelVersion
+from iskander.frontends.flight_errors import flight_errors, flight_errors_gen, to_flight_error
 
 ACTIONS = {
     "health": "Server liveness and readiness, with each model version's state. Body: empty.",

@@ -18,7 +18,7 @@ tracebacks with an explicit limit (logs.py), so they keep theirs.
 
 Every error carries the JSON details ({"code", "message", "model", "column", "expected", "got",
 ...}): as ``extra_info`` for FlightErrors, as the last line of the status detail otherwise
-(``iskander.flight_status.error_details`` reads both). The message starts with ``[CODE]`` in both.
+(``iskander.client.flight_status.error_details`` reads both). The message starts with ``[CODE]`` in both.
 
 gRPC has RESOURCE_EXHAUSTED but pyarrow's server cannot send it (no Arrow or Flight status maps to
 it). A limit the client can wait out (max_inflight, the concurrency caps) goes as UNAVAILABLE, which
@@ -39,9 +39,9 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..errors import ErrorCode, IskanderError
-from ..observer import new_request_id, observed_request_id
-from ..text import clip
+from iskander.errors import ErrorCode, IskanderError
+from iskander.observability.observer import new_request_id, observed_request_id
+from iskander.text import clip
 
 log = logging.getLogger("iskander.flight")
 

@@ -18,16 +18,16 @@ import numpy as np
 import pyarrow as pa
 from google.protobuf.message import DecodeError
 
-from .._proto import grpc_service_pb2 as pb
-from ..core import SERVER_NAME, InferenceCore, server_version
-from ..errors import InvalidInput, IskanderError, ResourceExhausted
-from ..model_info import ready_versions, repository_index, statistics
-from ..observer import Call, new_request_id
-from ..registry import ModelState, ModelVersion
-from ..text import clip
-from .oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape, oip_view, passthrough_lists
-from .oip_errors import bounded, log
-from .oip_model_config import model_config, model_statistics
+from iskander._proto import grpc_service_pb2 as pb
+from iskander.core.dataplane import SERVER_NAME, InferenceCore, server_version
+from iskander.errors import InvalidInput, IskanderError, ResourceExhausted
+from iskander.core.control import ready_versions, repository_index, statistics
+from iskander.observability.observer import Call, new_request_id
+from iskander.core.registry import ModelState, ModelVersion
+from iskander.text import clip
+from iskander.frontends.oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape, oip_view, passthrough_lists
+from iskander.frontends.oip_errors import bounded, log
+from iskander.frontends.oip_model_config import model_config, model_statistics
 
 # Advertise only what is implemented (perf_analyzer and clients read this list).
 EXTENSIONS: tuple[str, ...] = ("model_repository", "model_configuration", "statistics")

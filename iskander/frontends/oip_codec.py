@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..arrow_tensor import list_values
-from ..arrow_types import BFLOAT16, STRING_TYPES, element_type, is_fixed_shape_tensor, row_shape
-from ..errors import InvalidInput, Unimplemented
-from ..text import clip
+from iskander.arrow.tensor import list_values
+from iskander.arrow.types import BFLOAT16, STRING_TYPES, element_type, is_fixed_shape_tensor, row_shape
+from iskander.errors import InvalidInput, Unimplemented
+from iskander.text import clip
 
 _FIXED: dict[pa.DataType, str] = {
     pa.bool_(): "BOOL",

@@ -6,9 +6,9 @@ import logging
 
 import grpc
 
-from ..errors import ErrorCode, IskanderError
-from ..observer import Observer, new_request_id, observed_request_id
-from ..text import clip
+from iskander.errors import ErrorCode, IskanderError
+from iskander.observability.observer import Observer, new_request_id, observed_request_id
+from iskander.text import clip
 
 log = logging.getLogger("iskander.oip")
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from .._proto import grpc_service_pb2 as pb
-from .._proto import model_config_pb2 as mc
-from ..arrow_types import row_shape
-from ..registry import ModelRegistry, ModelVersion
-from .oip_codec import oip_datatype, oip_view, passthrough_lists
+from iskander._proto import grpc_service_pb2 as pb
+from iskander._proto import model_config_pb2 as mc
+from iskander.arrow.types import row_shape
+from iskander.core.registry import ModelRegistry, ModelVersion
+from iskander.frontends.oip_codec import oip_datatype, oip_view, passthrough_lists
 
 UNLIMITED_BATCH = 2**31 - 1  # max_batch_size advertised when the server sets no limit
 

@@ -20,12 +20,12 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import _async as health_aio  # grpc_health's asyncio servicer (health.aio)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .._proto import grpc_service_pb2 as pb
-from ..auth import TlsFiles, TokenAuth
-from ..core import InferenceCore
-from ..registry import ModelState
-from .oip import UNIMPLEMENTED, OipServicer, StreamLimit, StreamRows
-from .oip_errors import abort_with
+from iskander._proto import grpc_service_pb2 as pb
+from iskander.auth import TlsFiles, TokenAuth
+from iskander.core.dataplane import InferenceCore
+from iskander.core.registry import ModelState
+from iskander.frontends.oip import UNIMPLEMENTED, OipServicer, StreamLimit, StreamRows
+from iskander.frontends.oip_errors import abort_with
 
 _SERVICE = "inference.GRPCInferenceService"
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from .errors import ErrorCode, IskanderError
-from .stats import Execution
-from .text import clip
+from iskander.errors import ErrorCode, IskanderError
+from iskander.observability.stats import Execution
+from iskander.text import clip
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
-    from .registry import ModelVersion
-    from .tracing import Tracing
+    from iskander.observability.metrics import Metrics
+    from iskander.core.registry import ModelVersion
+    from iskander.observability.tracing import Tracing
 
 log = logging.getLogger("iskander.requests")
 

@@ -32,7 +32,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .client import Exchange, IskanderClient, IskanderClientError, ModelInfo, ResourceExhausted, attach_outputs
+from iskander.client.flight_client import Exchange, IskanderClient, IskanderClientError, ModelInfo, ResourceExhausted, attach_outputs
 
 # format name -> (pyarrow.dataset format, file extensions it is recognised by; the first is written)
 FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {

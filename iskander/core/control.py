@@ -6,9 +6,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from .arrow_types import type_name
-from .backends import backend_type
-from .registry import ModelRegistry, ModelState, ModelVersion
+from iskander.arrow.types import type_name
+from iskander.backends import backend_type
+from iskander.core.registry import ModelRegistry, ModelState, ModelVersion
 
 
 def schema_fields(schema: pa.Schema) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .arrow_tensor import (
+from iskander.arrow.tensor import (
     NullValues,
     Reader,
     Writer,
@@ -28,7 +28,7 @@ from .arrow_tensor import (
     from_ndarray,
     read_filled,
 )
-from .arrow_types import (
+from iskander.arrow.types import (
     STRING_TYPES,
     element_type,
     is_fixed_shape_tensor,
@@ -36,9 +36,9 @@ from .arrow_types import (
     row_shape,
     type_name,
 )
-from .backends.base import TensorSpec
-from .errors import InternalError, InvalidInput, ModelLoadError
-from .manifest import ColumnSpec, Manifest
+from iskander.backends.base import TensorSpec
+from iskander.errors import InternalError, InvalidInput, ModelLoadError
+from iskander.contract.manifest import ColumnSpec, Manifest
 
 
 @attrs.frozen

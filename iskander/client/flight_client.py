@@ -27,7 +27,7 @@ import attrs
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from .flight_status import error_details
+from iskander.client.flight_status import error_details
 
 __all__ = [
     "IskanderClient", "ModelInfo", "Exchange", "connect", "attach_outputs", "conform",

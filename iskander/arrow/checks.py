@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .errors import InvalidInput
-from .text import clip
+from iskander.errors import InvalidInput
+from iskander.text import clip
 
 
 def _needs_full(t: pa.DataType) -> bool:

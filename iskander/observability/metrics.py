@@ -33,15 +33,15 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 
-from .auth import TokenAuth
-from .stats import BATCH_BOUNDS, DURATION_BOUNDS_NS
+from iskander.auth import TokenAuth
+from iskander.observability.stats import BATCH_BOUNDS, DURATION_BOUNDS_NS
 
 if TYPE_CHECKING:
-    from .core import InferenceCore
-    from .registry import ModelVersion
-    from .settings import ObservabilitySettings
+    from iskander.core.dataplane import InferenceCore
+    from iskander.core.registry import ModelVersion
+    from iskander.config.settings import ObservabilitySettings
 
-log = logging.getLogger("iskander.metrics")
+log = logging.getLogger("iskander.observability.metrics")
 
 DURATION_BUCKETS_S = tuple(b / 1e9 for b in DURATION_BOUNDS_NS)
 BATCH_BUCKETS = tuple(float(b) for b in BATCH_BOUNDS)
@@ -263,7 +263,7 @@ class Metrics:
                 yield Observation(restarts, _labels(entry))
 
     def _ready(self, options: CallbackOptions) -> Iterable[Observation]:
-        from .registry import ModelState
+        from iskander.core.registry import ModelState
 
         for entry in self._entries():
             yield Observation(int(entry.state is ModelState.READY), _labels(entry))

@@ -7,7 +7,7 @@ request that ran the model (together); execution_count and batch_stats grow once
 which under dynamic batching serves several requests. One lock per model version.
 
 These counters are the one source of truth: ModelStatistics (OIP), the Flight ``statistics``
-action and the metrics (iskander/metrics.py) all read them. Success, failure, inference and
+action and the metrics (iskander/observability/metrics.py) all read them. Success, failure, inference and
 execution counts are kept per protocol (the metrics' ``protocol`` label) and summed for the
 Triton-shaped snapshot. When Prometheus metrics are on, the latency and batch-size histograms are
 counted here too (a bisect per value under the lock already held: ~3 us a request, where

@@ -14,17 +14,17 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from .arrow_types import type_name
-from .backends import Backend, create_backend, signature_from_manifest
-from .contract import Contract, compile_contract
-from .errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
-from .manifest import declared_signature, load_manifest
-from .batcher import Batcher
-from .settings import ModelSettings
-from .stats import ModelStats
-from .text import clip
+from iskander.arrow.types import type_name
+from iskander.backends import Backend, create_backend, signature_from_manifest
+from iskander.contract.compile import Contract, compile_contract
+from iskander.errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
+from iskander.contract.manifest import declared_signature, load_manifest
+from iskander.core.batcher import Batcher
+from iskander.config.settings import ModelSettings
+from iskander.observability.stats import ModelStats
+from iskander.text import clip
 
-log = logging.getLogger("iskander.registry")
+log = logging.getLogger("iskander.core.registry")
 
 
 _VERSION = re.compile(r"0|[1-9][0-9]{0,17}")  # [0-9] is ASCII only, unlike \d; 18 digits fit an int64

@@ -15,11 +15,11 @@ import attrs
 import numpy as np
 import pyarrow as pa
 
-from .arrow_types import element_type, numpy_dtype
-from .contract import OutputBinding, Prepared
-from .errors import DeadlineExceeded, InvalidInput, ResourceExhausted
-from .observer import Call, Observer, Timings
-from .registry import ModelRegistry, ModelVersion
+from iskander.arrow.types import element_type, numpy_dtype
+from iskander.contract.compile import OutputBinding, Prepared
+from iskander.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
+from iskander.observability.observer import Call, Observer, Timings
+from iskander.core.registry import ModelRegistry, ModelVersion
 
 SERVER_NAME = "iskander"
 

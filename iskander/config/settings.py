@@ -13,8 +13,8 @@ from typing import Any
 
 import attrs
 
-from .backends import BACKEND_NAMES
-from .errors import ConfigError
+from iskander.backends import BACKEND_NAMES
+from iskander.errors import ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_FLIGHT_PORT = 50051  # as the Rust project
@@ -455,4 +455,4 @@ def load_config(path: Path | str) -> Settings:
 
 def default_config_path() -> Path:
     """The demo model set shipped inside the package (served when no --config is given)."""
-    return Path(__file__).resolve().parent / "demo" / "config.toml"
+    return Path(__file__).resolve().parents[1] / "demo" / "config.toml"

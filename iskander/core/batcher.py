@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
-from .errors import DeadlineExceeded
-from .backends import Backend
-from .settings import DynamicBatching
+from iskander.errors import DeadlineExceeded
+from iskander.backends import Backend
+from iskander.config.settings import DynamicBatching
 
-log = logging.getLogger("iskander.batcher")
+log = logging.getLogger("iskander.core.batcher")
 
 
 @attrs.define

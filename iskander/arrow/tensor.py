@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from .arrow_types import STRING_TYPES, element_type, is_fixed_shape_tensor, row_shape
+from iskander.arrow.types import STRING_TYPES, element_type, is_fixed_shape_tensor, row_shape
 
 # pyarrow imports pandas, when it is installed, the first time pa.array() is given a numpy array
 # (~0.3 s). Pay that when the server starts, not inside its first request, where it can exceed a

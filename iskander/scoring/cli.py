@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from .client import IskanderClient, IskanderClientError
-from .score import FORMATS, OUTPUT_FORMATS, ProgressBar, ScoreError, ScoreOptions, score
+from iskander.client.flight_client import IskanderClient, IskanderClientError
+from iskander.scoring.score import FORMATS, OUTPUT_FORMATS, ProgressBar, ScoreError, ScoreOptions, score
 
 
 def _pairs(values: tuple[str, ...]) -> dict[str, str]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
 
-    from .settings import ObservabilitySettings
+    from iskander.config.settings import ObservabilitySettings
 
 # perf_counter_ns -> Unix ns, for span timestamps (measured once; drift is far below a span's length)
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()

@@ -28,9 +28,9 @@ from typing import Any
 import attrs
 import pyarrow as pa
 
-from .arrow_types import BFLOAT16, element_type, parse_type, row_shape, type_name
-from .backends.base import TensorSpec
-from .errors import ConfigError, ModelLoadError
+from iskander.arrow.types import BFLOAT16, element_type, parse_type, row_shape, type_name
+from iskander.backends.base import TensorSpec
+from iskander.errors import ConfigError, ModelLoadError
 
 
 @attrs.frozen
