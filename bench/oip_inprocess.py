@@ -22,10 +22,12 @@ from minimal_oip import MinimalOip  # noqa: E402
 from workloads import MODELS  # noqa: E402
 
 from iskander._proto import grpc_service_pb2 as pb  # noqa: E402
-from iskander.core.dataplane import InferenceCore  # noqa: E402
-from iskander.frontends.oip import OipServicer  # noqa: E402
-from iskander.core.registry import ModelRegistry  # noqa: E402
 from iskander.config.settings import load_config  # noqa: E402
+from iskander.core.control import ControlPlane  # noqa: E402
+from iskander.core.dataplane import Dataplane, Inflight  # noqa: E402
+from iskander.core.registry import ModelRegistry  # noqa: E402
+from iskander.frontends.oip import OipServicer  # noqa: E402
+from iskander.observability.observer import Observer  # noqa: E402
 
 
 class _Context:
@@ -57,7 +59,7 @@ def main() -> None:
     )
     registry = ModelRegistry(load_config(tmp / "config.toml").models)
     registry.load_all()
-    iskander = OipServicer(InferenceCore(registry))
+    iskander = OipServicer(Dataplane(registry, Observer(), Inflight()), ControlPlane(registry))
     minimal = MinimalOip(["two_tower"])
 
     request = pb.ModelInferRequest(model_name="two_tower")

@@ -53,6 +53,10 @@ class ResourceExhausted(IskanderError):
     code = ErrorCode.RESOURCE_EXHAUSTED
 
 
+class StreamLimitExceeded(ResourceExhausted):
+    """A stream carried more rows than max_stream_rows: the stream ends, not just the request."""
+
+
 class DeadlineExceeded(IskanderError):
     """The request's deadline passed before the model ran it; it was not run."""
 

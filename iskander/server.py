@@ -8,13 +8,15 @@ import threading
 import time
 
 from iskander.auth import TlsFiles, load_tokens
-from iskander.core.dataplane import InferenceCore, server_version
+from iskander.config.settings import ObservabilitySettings, Settings
+from iskander.core.control import ControlPlane
+from iskander.core.dataplane import Dataplane, Inflight, server_version
+from iskander.core.model import Limits, ModelState
+from iskander.core.registry import ModelRegistry
 from iskander.frontends.flight import make_flight_server
 from iskander.frontends.flight_errors import hide_tracebacks
 from iskander.frontends.oip_server import make_grpc_server, set_health
 from iskander.observability.observer import Observer
-from iskander.core.registry import ModelRegistry
-from iskander.config.settings import Settings
 
 log = logging.getLogger("iskander.server")
 
@@ -22,23 +24,14 @@ log = logging.getLogger("iskander.server")
 class IskanderServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(settings.models)
-        obs = settings.observability
-        self.observer = Observer()
-        self.core = InferenceCore(
-            self.registry, settings.server.max_inflight, settings.server.max_batch_size, self.observer
-        )
-        if obs.metrics_port is not None or obs.otlp_endpoint:
-            # imported only when asked for: no OpenTelemetry SDK objects otherwise
-            from opentelemetry.sdk.resources import Resource
-
-            from iskander.observability.metrics import Metrics
-            from iskander.observability.tracing import Tracing
-
-            resource = Resource.create({"service.name": obs.service_name, "service.version": server_version()})
-            self.observer.metrics = Metrics(self.core, obs, resource)
-            tracing = Tracing(obs, resource)
-            self.observer.tracing = tracing if tracing.enabled else None
+        s = settings.server
+        defaults = Limits(max_batch_size=s.max_batch_size, max_inflight=s.max_inflight,
+                          max_message_bytes=s.max_message_bytes, max_stream_rows=s.max_stream_rows)
+        self.registry = ModelRegistry(settings.models, defaults)
+        inflight = Inflight()
+        self.observer = _observer(settings.observability, self.registry, inflight)
+        self.dataplane = Dataplane(self.registry, self.observer, inflight, s.request_timeout_s)
+        self.control = ControlPlane(self.registry)
         self._stop = threading.Event()
 
     def start(self) -> tuple[int, int]:
@@ -53,25 +46,24 @@ class IskanderServer:
             log.info("bearer-token authentication on for both frontends%s",
                      " (grpc.health.v1 open)" if s.auth_health_open else "")
         self.grpc_server, self.grpc_port, self.health = make_grpc_server(
-            self.core, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes, s.request_timeout_s,
-            auth=auth, health_open=s.auth_health_open, tls=tls, max_stream_rows=s.max_stream_rows,
+            self.dataplane, self.control, s.host, s.grpc_port, s.grpc_workers, s.max_message_bytes,
+            auth=auth, health_open=s.auth_health_open, tls=tls,
             max_concurrent_rpcs=s.max_concurrent_rpcs, max_concurrent_streams=s.max_concurrent_streams,
         )
         # pyarrow's server is listening once constructed. Its serve() only blocks, and it installs
         # its own SIGINT/SIGTERM handlers (ServeWithSignals), racing ours: it is never called.
         self.flight_server = make_flight_server(
-            self.core, s.host, s.flight_port, s.max_message_bytes, s.request_timeout_s, auth=auth, tls=tls,
-            max_stream_rows=s.max_stream_rows, max_concurrent_rpcs=s.max_concurrent_rpcs,
-            max_concurrent_streams=s.max_concurrent_streams,
+            self.dataplane, self.control, s.host, s.flight_port, auth=auth, tls=tls,
+            max_concurrent_rpcs=s.max_concurrent_rpcs, max_concurrent_streams=s.max_concurrent_streams,
         )
         self.flight_scheme = "grpc+tls" if tls is not None else "grpc"
         self.flight_port = self.flight_server.port
         self.grpc_server.start()
         if self.observer.metrics is not None:
             self.observer.metrics.start(s.host)
-        set_health(self.health, self.core, serving=True)
+        set_health(self.health, self.control, serving=True)
         # load/unload from either frontend updates per-model health
-        self.registry.on_change(lambda: set_health(self.health, self.core, serving=self.core.live))
+        self.control.on_change(lambda: set_health(self.health, self.control, serving=self.control.live))
         return self.flight_port, self.grpc_port
 
     def request_stop(self, *_: object) -> None:
@@ -88,8 +80,8 @@ class IskanderServer:
         deadline), so the caller must end the process itself; no batch is being answered then."""
         grace = self.settings.server.grace_seconds
         deadline = time.monotonic() + grace
-        self.core.live = False
-        set_health(self.health, self.core, serving=False)  # probes see NOT_SERVING first
+        self.control.live = False
+        set_health(self.health, self.control, serving=False)  # probes see NOT_SERVING first
         self.flight_server.draining.set()
         done = self.grpc_server.stop(grace)
         # pyarrow's shutdown() blocks until every Flight call returns, with no deadline of its own
@@ -135,8 +127,8 @@ class IskanderServer:
     def _log_start(self, flight_port: int, grpc_port: int) -> None:
         """The ports and what is switched on (each model's contract is logged as it loads)."""
         models = self.registry.all()
-        ok = [f"{e.name}:{e.version}" for e in models if e.contract is not None]
-        failed = [f"{e.name}:{e.version}" for e in models if e.contract is None]
+        ok = [f"{e.name}:{e.version}" for e in models if e.state is ModelState.READY]
+        failed = [f"{e.name}:{e.version}" for e in models if e.state is not ModelState.READY]
         log.info("models ready: %s%s", ", ".join(ok) or "(none)", f"; failed: {', '.join(failed)}" if failed else "")
         host = self.settings.server.host
         obs = self.observer
@@ -146,3 +138,17 @@ class IskanderServer:
             f"on :{obs.metrics.port}/metrics" if obs.metrics is not None and obs.metrics.port else "off",
             f"to {self.settings.observability.otlp_endpoint}" if obs.tracing is not None else "off",
         )
+
+
+def _observer(obs: ObservabilitySettings, registry: ModelRegistry, inflight: Inflight) -> Observer:
+    """Metrics and tracing, built before the observer that holds them (nothing is wired later)."""
+    if obs.metrics_port is None and not obs.otlp_endpoint:
+        return Observer()
+    # imported only when asked for: no OpenTelemetry SDK objects otherwise
+    from opentelemetry.sdk.resources import Resource
+
+    from iskander.observability.metrics import Metrics
+    from iskander.observability.tracing import Tracing
+
+    resource = Resource.create({"service.name": obs.service_name, "service.version": server_version()})
+    return Observer(Metrics(registry, inflight.snapshot, obs, resource), Tracing(obs, resource))

@@ -65,7 +65,7 @@ def test_model_max_message_bytes_on_both_frontends(limited):
     with pytest.raises(InferenceServerException) as info:
         c.infer("own", oip_inputs(80))  # 80 x (16 + 8 + 5) bytes of tensors > 2048
     assert str(info.value.status()) == "StatusCode.RESOURCE_EXHAUSTED"
-    assert "exceeds its max_message_bytes (2048)" in info.value.message()
+    assert "request of 2320 bytes for model 'own' exceeds max_message_bytes (2048)" in info.value.message()
     c.close()
     batch, _ = tabular_batch(80)
     with pytest.raises(pa.ArrowException) as ferr:

@@ -41,6 +41,7 @@ class Backend(Protocol):
     backend_name: str  # Triton ModelConfig backend, e.g. "onnxruntime"
     instance_count: int  # parallel executors; also the dynamic batcher's worker threads
     instance_kind: Literal["cpu", "gpu"]  # Triton ModelInstanceGroup kind
+    restarts: int | None  # worker processes restarted since load; None: the backend runs no workers
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 

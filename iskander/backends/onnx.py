@@ -72,6 +72,7 @@ def _tensor_spec(arg: ort.NodeArg) -> TensorSpec:
 
 class OnnxBackend:
     kind = "ONNX"
+    restarts = None  # runs in the server process: nothing to restart
     platform = "onnxruntime_onnx"
     backend_name = "onnxruntime"
 

@@ -1,15 +1,19 @@
-"""The protocol-agnostic core both frontends call: Arrow RecordBatch in, Arrow RecordBatch out.
+"""The one inference entry point both frontends call: a ready model, a request, its context.
 
-It imports neither grpc nor pyarrow.flight; frontends translate their wire format to Arrow and
-map ``IskanderError`` codes to their status codes.
+``Dataplane.infer`` owns everything between a frontend's translation and its encoding: the
+payload-size, stream-row, batch-size and in-flight limits, the deadline, decoding under the
+model's accounting, the contract, the backend (directly or through the dynamic batcher),
+statistics, metrics and the request span. Frontends translate their wire format into a request
+(``ArrowRequest`` or ``TensorRequest``), map ``IskanderError`` codes to status codes, and
+encode the answer. Nothing here knows gRPC or Flight.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import overload
 
 import attrs
 import numpy as np
@@ -17,9 +21,10 @@ import pyarrow as pa
 
 from iskander.arrow.types import element_type, numpy_dtype
 from iskander.contract.compile import OutputBinding, Prepared
-from iskander.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
-from iskander.observability.observer import Call, Observer, Timings
-from iskander.core.registry import ModelRegistry, ModelVersion
+from iskander.core.model import ReadyModel
+from iskander.core.registry import ModelRegistry
+from iskander.errors import DeadlineExceeded, InvalidInput, ResourceExhausted, StreamLimitExceeded
+from iskander.observability.observer import Observer, Timings, new_request_id
 
 SERVER_NAME = "iskander"
 
@@ -33,203 +38,238 @@ def server_version() -> str:
         return "0.0.0"
 
 
-@attrs.frozen
-class InferResult:
-    model: str
-    version: str
-    batch: pa.RecordBatch
+# --- what a frontend hands in ---------------------------------------------------------------------
 
 
-class InferenceCore:
-    def __init__(
-        self, registry: ModelRegistry, default_max_inflight: int = 0, default_max_batch_size: int = 0,
-        observer: Observer | None = None,
-    ) -> None:
-        self.registry = registry
-        self.observer = observer or Observer()
-        self.live = True
-        self.default_max_inflight = default_max_inflight
-        self.default_max_batch_size = default_max_batch_size
-        self._inflight: dict[str, int] = {}  # model version key -> requests admitted and not finished
-        self._inflight_lock = threading.Lock()
+class StreamRows:
+    """Rows one stream (a Flight DoExchange, an OIP ModelStreamInfer) has carried. A stream's
+    requests are answered in order, so one thread at a time touches it."""
 
-    @contextlib.contextmanager
-    def _admitted(self, entry: ModelVersion, call: Call) -> Iterator[None]:
-        """Hold one of the model's max_inflight places for the request; a refusal counts as a failure."""
-        try:
-            self._admit(entry)
-        except ResourceExhausted as exc:
-            self.observer.failure(entry, call, exc)
-            raise
-        try:
-            yield
-        finally:
-            self._release(entry)
+    __slots__ = ("rows",)
 
-    def _admit(self, entry: ModelVersion) -> None:
-        """Bounded queue per model: beyond max_inflight a request is refused at once, not piled up."""
-        limit = entry.settings.max_inflight or self.default_max_inflight
-        key = entry.settings.key
-        with self._inflight_lock:
-            current = self._inflight.get(key, 0)
+    def __init__(self) -> None:
+        self.rows = 0
+
+
+@attrs.define(slots=True)
+class RequestContext:
+    """One request as the frontend received it: also the ``Call`` the observer accounts."""
+
+    protocol: str  # "flight" | "grpc" | "internal"
+    method: str  # DoExchange, ModelInfer, ModelStreamInfer, ...
+    received_ns: int  # perf_counter_ns when the frontend got it (decoding counts as compute_input)
+    client_deadline: float | None = None  # time.monotonic() the client gives up, if it said
+    carrier: Callable[[], Mapping[str, str] | None] | None = None  # W3C trace context, read only when tracing
+    stream: StreamRows | None = None  # set for requests on a stream: max_stream_rows applies
+    request_id: str = attrs.Factory(new_request_id)
+    span: object = None  # set by the observer when tracing is on
+
+
+@attrs.frozen(slots=True)
+class ArrowRequest:
+    """A request whose payload becomes an Arrow batch of the contract's input columns.
+    ``decode`` is the frontend's validation and translation; it runs only after ``nbytes``
+    passed max_message_bytes, and its failures count against the model."""
+
+    nbytes: int
+    decode: Callable[[], pa.RecordBatch]
+    outputs: Sequence[str] | None = None
+
+
+@attrs.frozen(slots=True)
+class TensorRequest:
+    """A request for a plain contract (``contract.plain``) whose payload is numpy tensors keyed by
+    column name, e.g. views of OIP raw contents: the contract skips Arrow both ways."""
+
+    nbytes: int
+    decode: Callable[[], tuple[Mapping[str, np.ndarray], int]]  # (tensors by column, rows)
+    outputs: Sequence[str] | None = None
+
+
+@attrs.frozen(slots=True)
+class TensorAnswer:
+    outputs: tuple[OutputBinding, ...]  # in the order asked for (all outputs when none were named)
+    tensors: dict[str, np.ndarray]  # by column, batch dimension first
+    rows: int
+
+
+# --- the dataplane --------------------------------------------------------------------------------
+
+
+class Inflight:
+    """Requests admitted and not finished, per model version: the bounded queue of max_inflight."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, model: ReadyModel) -> None:
+        """Beyond max_inflight a request is refused at once, not piled up."""
+        limit = model.limits.max_inflight
+        key = model.key
+        with self._lock:
+            current = self._counts.get(key, 0)
             if limit and current >= limit:
                 raise ResourceExhausted(
-                    f"model '{entry.name}' already has {current} requests running or queued "
+                    f"model '{model.name}' already has {current} requests running or queued "
                     f"(max_inflight = {limit}); retry later",
-                    model=entry.name, limit="max_inflight", expected=limit, got=current,
+                    model=model.name, limit="max_inflight", expected=limit, got=current,
                 )
-            self._inflight[key] = current + 1
+            self._counts[key] = current + 1
 
-    def _release(self, entry: ModelVersion) -> None:
-        with self._inflight_lock:
-            self._inflight[entry.settings.key] -= 1
+    def release(self, model: ReadyModel) -> None:
+        with self._lock:
+            self._counts[model.key] -= 1
 
-    def inflight(self) -> dict[str, int]:
-        """Requests admitted and not finished, by model version key (for the metrics)."""
-        with self._inflight_lock:
-            return dict(self._inflight)
+    def snapshot(self) -> dict[str, int]:
+        """By model version key (for the metrics)."""
+        with self._lock:
+            return dict(self._counts)
 
-    def model(self, name: str, version: str | None = None) -> ModelVersion:
+
+class Dataplane:
+    def __init__(
+        self, registry: ModelRegistry, observer: Observer, inflight: Inflight, request_timeout_s: float = 0.0,
+    ) -> None:
+        self.registry = registry
+        self.observer = observer
+        self.inflight = inflight
+        self.request_timeout_s = request_timeout_s  # server-side deadline of every request; 0 = none
+
+    def model(self, name: str, version: str | None = None) -> ReadyModel:
         """A ready model version (raises NOT_FOUND / UNAVAILABLE errors otherwise)."""
         return self.registry.get_ready(name, version)
 
-    def ready(self) -> bool:
-        """Ready when every configured model is loaded (Triton's ServerReady semantics)."""
-        return self.live and self.registry.all_ready()
+    @overload
+    def infer(self, model: ReadyModel, request: ArrowRequest, ctx: RequestContext) -> pa.RecordBatch: ...
 
-    def record_failure(self, entry: ModelVersion, call: Call, exc: BaseException) -> None:
-        """Count a request that a frontend rejected before it reached ``infer`` (e.g. bad tensors)."""
-        if entry.stats is not None:
-            self.observer.failure(entry, call, exc)
+    @overload
+    def infer(self, model: ReadyModel, request: TensorRequest, ctx: RequestContext) -> TensorAnswer: ...
 
     def infer(
-        self,
-        model: str,
-        version: str | None,
-        batch: pa.RecordBatch,
-        outputs: Sequence[str] | None = None,
-        deadline: float | None = None,
-        call: Call | None = None,
-    ) -> InferResult:
-        """Run one batch. ``call.received_ns`` (perf_counter_ns when the frontend got the request)
-        lets the statistics count the frontend's decoding as compute_input, as Triton does."""
-        entered = time.perf_counter_ns()
-        call = call or Call("internal", "infer", entered)
-        entry = self.registry.get_ready(model, version)
-        contract, stats = entry.contract, entry.stats
-        assert contract is not None and stats is not None
-        with self._admitted(entry, call):
-            return self._infer_admitted(entry, batch, outputs, call, entered, deadline)
-
-    def _infer_admitted(
-        self, entry: ModelVersion, batch: pa.RecordBatch, outputs: Sequence[str] | None, call: Call,
-        entered: int, deadline: float | None,
-    ) -> InferResult:
-        model = entry.name
-        contract = entry.contract
-        assert contract is not None
+        self, model: ReadyModel, request: ArrowRequest | TensorRequest, ctx: RequestContext
+    ) -> pa.RecordBatch | TensorAnswer:
+        """Run one request; every outcome is accounted once (statistics, metrics, span, log)."""
+        observer = self.observer
+        observer.begin(ctx, model.name)
         try:
-            if not isinstance(batch, pa.RecordBatch):
-                raise InvalidInput(f"model '{model}' expects an Arrow RecordBatch", model=model)
-            self._check_rows(entry, batch.num_rows)
-            selected = contract.select_outputs(outputs)
-            start = time.perf_counter_ns()
-            prepared = contract.prepare(batch)
-            if prepared.rows == 0:
-                out = contract.empty_output(prepared, selected)
-                self.observer.success(entry, call, None, 0)
-                return InferResult(model, entry.version, out)
-            results, run = self._run(entry, prepared, selected, deadline)
-            out = contract.assemble(prepared, selected, results)
-            done = time.perf_counter_ns()
-        except Exception as exc:  # client mistakes and server faults alike count as failures
-            self.observer.failure(entry, call, exc)
+            self._check_bytes(model, request.nbytes)
+            if isinstance(request, ArrowRequest):
+                batch = request.decode()
+                if not isinstance(batch, pa.RecordBatch):
+                    raise InvalidInput(f"model '{model.name}' expects an Arrow RecordBatch", model=model.name)
+                rows = batch.num_rows
+            else:
+                tensors, rows = request.decode()
+            self._count_stream_rows(model, ctx, rows)
+            self._check_rows(model, rows)
+            self.inflight.admit(model)
+        except BaseException as exc:
+            observer.failure(model, ctx, exc)
             raise
-        self.observer.success(entry, call, run.timings(entered, start, done), prepared.rows)
-        return InferResult(model, entry.version, out)
-
-    def infer_tensors(
-        self,
-        entry: ModelVersion,
-        columns: dict[str, np.ndarray],
-        rows: int,
-        outputs: Sequence[str] | None = None,
-        deadline: float | None = None,
-        call: Call | None = None,
-    ) -> tuple[tuple[OutputBinding, ...], dict[str, np.ndarray]]:
-        """The same as ``infer`` for a plain contract (``contract.plain``), with numpy tensors keyed
-        by column name in and out: for frontends that already hold tensors (OIP raw contents)."""
-        entered = time.perf_counter_ns()
-        call = call or Call("internal", "infer", entered)
-        contract, stats = entry.contract, entry.stats
-        assert contract is not None and contract.plain and stats is not None
-        with self._admitted(entry, call):
-            return self._infer_tensors_admitted(entry, columns, rows, outputs, call, entered, deadline)
-
-    def _infer_tensors_admitted(
-        self, entry: ModelVersion, columns: dict[str, np.ndarray], rows: int, outputs: Sequence[str] | None,
-        call: Call, entered: int, deadline: float | None,
-    ) -> tuple[tuple[OutputBinding, ...], dict[str, np.ndarray]]:
-        contract = entry.contract
-        assert contract is not None
         try:
-            self._check_rows(entry, rows)
-            selected = contract.select_outputs(outputs)
+            contract = model.contract
+            entered = time.perf_counter_ns()
+            selected = contract.select_outputs(request.outputs)
             start = time.perf_counter_ns()
-            prepared = contract.prepare_tensors(columns, rows)
+            prepared = contract.prepare(batch) if isinstance(request, ArrowRequest) \
+                else contract.prepare_tensors(tensors, rows)
             if rows == 0:
-                empty = {b.column: np.empty((0, *(b.row_shape or ())), dtype=numpy_dtype(element_type(b.type)))
-                         for b in selected}
-                self.observer.success(entry, call, None, 0)
-                return selected, empty
-            results, run = self._run(entry, prepared, selected, deadline)
-            out = contract.tensors_out(selected, results, rows)
+                answer = self._empty(model, request, prepared, selected)
+                observer.success(model, ctx, None, 0)
+                return answer
+            results, run = self._run(model, prepared, selected, self._deadline(ctx))
+            answer = contract.assemble(prepared, selected, results) if isinstance(request, ArrowRequest) \
+                else TensorAnswer(selected, contract.tensors_out(selected, results, rows), rows)
             done = time.perf_counter_ns()
-        except Exception as exc:
-            self.observer.failure(entry, call, exc)
+        except BaseException as exc:  # client mistakes and server faults alike count as failures
+            observer.failure(model, ctx, exc)
             raise
-        self.observer.success(entry, call, run.timings(entered, start, done), rows)
-        return selected, out
+        finally:
+            self.inflight.release(model)
+        observer.success(model, ctx, run.timings(entered, start, done), rows)
+        return answer
 
-    # --- shared by both entry points ------------------------------------------------------------
+    # --- limits -----------------------------------------------------------------------------------
 
-    def max_batch_size(self, entry: ModelVersion) -> int:
-        """Rows per request for this model: its own max_batch_size, else the server's default."""
-        return entry.settings.max_batch_size or self.default_max_batch_size
-
-    def _check_rows(self, entry: ModelVersion, rows: int) -> None:
-        limit = self.max_batch_size(entry)
-        if limit and rows > limit:
-            raise InvalidInput(
-                f"inference request batch-size must be <= {limit} for '{entry.name}', got {rows}",
-                model=entry.name, expected=limit, got=rows,
+    @staticmethod
+    def _check_bytes(model: ReadyModel, nbytes: int) -> None:
+        limit = model.limits.max_message_bytes
+        if limit and nbytes > limit:
+            raise ResourceExhausted(
+                f"request of {nbytes} bytes for model '{model.name}' exceeds max_message_bytes ({limit}); "
+                "send smaller batches",
+                model=model.name, limit="max_message_bytes", expected=limit, got=nbytes,
             )
 
     @staticmethod
+    def _count_stream_rows(model: ReadyModel, ctx: RequestContext, rows: int) -> None:
+        stream = ctx.stream
+        if stream is None:
+            return
+        stream.rows += rows  # counted only once the request decoded soundly
+        limit = model.limits.max_stream_rows
+        if limit and stream.rows > limit:
+            raise StreamLimitExceeded(
+                f"stream for model '{model.name}' carried {stream.rows} rows, more than max_stream_rows "
+                f"({limit}); open a new stream",
+                model=model.name, limit="max_stream_rows", expected=limit, got=stream.rows,
+            )
+
+    @staticmethod
+    def _check_rows(model: ReadyModel, rows: int) -> None:
+        limit = model.limits.max_batch_size
+        if limit and rows > limit:
+            raise InvalidInput(
+                f"inference request batch-size must be <= {limit} for '{model.name}', got {rows}",
+                model=model.name, expected=limit, got=rows,
+            )
+
+    def _deadline(self, ctx: RequestContext) -> float | None:
+        """The earlier of the client's deadline and the server's request_timeout_s (monotonic)."""
+        if not self.request_timeout_s:
+            return ctx.client_deadline
+        # received_ns is perf_counter_ns; the server's timeout runs from now, a few µs later at most
+        server = time.monotonic() + self.request_timeout_s
+        return server if ctx.client_deadline is None else min(server, ctx.client_deadline)
+
+    # --- running ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _empty(
+        model: ReadyModel, request: ArrowRequest | TensorRequest, prepared: Prepared,
+        selected: tuple[OutputBinding, ...],
+    ) -> pa.RecordBatch | TensorAnswer:
+        if isinstance(request, ArrowRequest):
+            return model.contract.empty_output(prepared, selected)
+        empty = {b.column: np.empty((0, *(b.row_shape or ())), dtype=numpy_dtype(element_type(b.type)))
+                 for b in selected}
+        return TensorAnswer(selected, empty, 0)
+
+    @staticmethod
     def _run(
-        entry: ModelVersion, prepared: Prepared, selected: Sequence[OutputBinding], deadline: float | None = None
+        model: ReadyModel, prepared: Prepared, selected: Sequence[OutputBinding], deadline: float | None
     ) -> tuple[dict[str, np.ndarray], _Run]:
         """The backend, directly or through the model's dynamic batcher; an expired request is not run."""
         prepared_at = time.perf_counter_ns()
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(
-                f"model '{entry.name}': the request's deadline passed before it ran; it was not run",
-                model=entry.name,
+                f"model '{model.name}': the request's deadline passed before it ran; it was not run",
+                model=model.name,
             )
-        if entry.batcher is not None:
-            batch_run = entry.batcher.run(prepared.feeds, prepared.rows, deadline)
+        if model.batcher is not None:
+            batch_run = model.batcher.run(prepared.feeds, prepared.rows, deadline)
             return batch_run.results, _Run(
                 prepared_at, batch_run.queue_ns, batch_run.infer_ns, batch_run.batch_rows, batch_run.first,
                 time.perf_counter_ns(),
             )
-        assert entry.contract is not None and entry.backend is not None
-        tensors = entry.contract.run_tensors(selected)
-        results = dict(zip(tensors, entry.backend.run(tensors, prepared.feeds, entry.name)))
+        tensors = model.contract.run_tensors(selected)
+        results = dict(zip(tensors, model.backend.run(tensors, prepared.feeds, model.name)))
         ran_at = time.perf_counter_ns()
         return results, _Run(prepared_at, 0, ran_at - prepared_at, prepared.rows, True, ran_at)
 
 
-@attrs.frozen
+@attrs.frozen(slots=True)
 class _Run:
     prepared_at: int
     queued_ns: int

@@ -1,30 +1,29 @@
 """Model registry: every configured model version with its state, loaded once and shared.
 
 One model failing to load is recorded with its reason and never stops the others. Entries are
-replaced whole (never mutated), so a reader always sees a consistent (state, contract, backend).
+replaced whole (never mutated), so a reader always sees a consistent entry: a ``ReadyModel`` or
+a ``NotReady`` (core/model.py).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import re
 import threading
 from collections.abc import Callable, Iterable
 
-import attrs
-
 from iskander.arrow.types import type_name
-from iskander.backends import Backend, create_backend, signature_from_manifest
-from iskander.contract.compile import Contract, compile_contract
-from iskander.errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
+from iskander.backends import create_backend, signature_from_manifest
+from iskander.config.settings import ModelSettings
+from iskander.contract.compile import compile_contract
 from iskander.contract.manifest import declared_signature, load_manifest
 from iskander.core.batcher import Batcher
-from iskander.config.settings import ModelSettings
+from iskander.core.model import Limits, ModelState, ModelVersion, NotReady, ReadyModel
+from iskander.errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
 from iskander.observability.stats import ModelStats
 from iskander.text import clip
 
-log = logging.getLogger("iskander.core.registry")
+log = logging.getLogger("iskander.registry")
 
 
 _VERSION = re.compile(r"0|[1-9][0-9]{0,17}")  # [0-9] is ASCII only, unlike \d; 18 digits fit an int64
@@ -35,34 +34,10 @@ def is_version_string(text: str) -> bool:
     return _VERSION.fullmatch(text) is not None
 
 
-class ModelState(enum.Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"  # failed to load; ``reason`` says why
-
-
-@attrs.frozen
-class ModelVersion:
-    settings: ModelSettings
-    state: ModelState
-    reason: str = ""
-    contract: Contract | None = None
-    backend: Backend | None = None
-    unloaded: bool = False  # unloaded on request: not counted against server readiness
-    batcher: Batcher | None = attrs.field(default=None, eq=False, repr=False)
-    stats: ModelStats | None = attrs.field(default=None, eq=False, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
-
-    @property
-    def version(self) -> str:
-        return str(self.settings.version)
-
-
-def load_model(settings: ModelSettings) -> ModelVersion:
-    """Load one model version; failures become an UNAVAILABLE entry with a reason."""
+def load_model(settings: ModelSettings, stats: ModelStats | None = None, defaults: Limits = Limits()) -> ModelVersion:
+    """Load one model version; failures become an UNAVAILABLE entry with a reason. ``defaults``
+    are the server's limits for what the model does not set itself."""
+    stats = stats if stats is not None else ModelStats(settings.name, str(settings.version))
     try:
         manifest_path = settings.manifest_path
         has_manifest = settings.manifest is not None or manifest_path.is_file()
@@ -83,33 +58,33 @@ def load_model(settings: ModelSettings) -> ModelVersion:
             backend.close()  # a python model's worker processes are already running
             raise
     except (ModelLoadError, ConfigError) as exc:
-        return ModelVersion(settings, ModelState.UNAVAILABLE, reason=str(exc))
+        return NotReady(settings, ModelState.UNAVAILABLE, stats, reason=str(exc))
     batcher = None
     if settings.dynamic_batching is not None:
         batcher = Batcher(
             backend, contract.run_tensors(contract.outputs), settings.dynamic_batching, settings.name,
             workers=backend.instance_count,
         )
-    return ModelVersion(settings, ModelState.READY, contract=contract, backend=backend, batcher=batcher)
+    return ReadyModel(settings, contract, backend, stats, defaults.for_model(settings), batcher)
 
 
 class ModelRegistry:
     """Every configured model version. Only configured models can ever be loaded: load requests
-    name a model, never a path."""
+    name a model, never a path. ``defaults`` are the server's per-request limits."""
 
-    def __init__(self, models: Iterable[ModelSettings]) -> None:
+    def __init__(self, models: Iterable[ModelSettings], defaults: Limits = Limits()) -> None:
+        self.defaults = defaults
         self._lock = threading.Lock()
         self._entries: dict[str, dict[int, ModelVersion]] = {}
-        self._stats: dict[tuple[str, int], ModelStats] = {}  # survive reloads, as in Triton
         self._load_locks: dict[str, threading.Lock] = {}
         self._listeners: list[Callable[[], None]] = []
         for m in models:
-            self._stats[(m.name, m.version)] = ModelStats(m.name, str(m.version))
+            stats = ModelStats(m.name, str(m.version))  # kept across reloads, as in Triton
             self._load_locks.setdefault(m.name, threading.Lock())
-            self._entries.setdefault(m.name, {})[m.version] = self._with_stats(ModelVersion(m, ModelState.LOADING))
+            self._entries.setdefault(m.name, {})[m.version] = NotReady(m, ModelState.LOADING, stats)
 
-    def _with_stats(self, entry: ModelVersion) -> ModelVersion:
-        return attrs.evolve(entry, stats=self._stats[(entry.name, entry.settings.version)])
+    def _load(self, old: ModelVersion) -> ModelVersion:
+        return load_model(old.settings, old.stats, self.defaults)
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after any model changes state (health services subscribe)."""
@@ -122,7 +97,7 @@ class ModelRegistry:
     def load_all(self) -> None:
         for name in self.names():
             for entry in self.versions(name):
-                self._store(load_model(entry.settings))
+                self._store(self._load(entry))
         self._notify()
 
     def load(self, name: str) -> list[ModelVersion]:
@@ -138,9 +113,9 @@ class ModelRegistry:
         with self._load_locks[name]:
             for old in self.versions(name):
                 if old.state is not ModelState.READY:
-                    self._store(attrs.evolve(old, state=ModelState.LOADING, reason="", unloaded=False), quiet=True)
+                    self._store(NotReady(old.settings, ModelState.LOADING, old.stats), quiet=True)
                     self._notify()
-                new = load_model(old.settings)
+                new = self._load(old)
                 if new.state is ModelState.READY or old.state is not ModelState.READY:
                     self._store(new)
                 else:
@@ -164,28 +139,25 @@ class ModelRegistry:
             raise ModelNotFound(f"unknown model '{name}'; served models: {', '.join(self.names())}", model=name)
         with self._load_locks[name]:
             for old in self.versions(name):
-                self._store(
-                    ModelVersion(old.settings, ModelState.UNAVAILABLE, reason="unloaded", unloaded=True), quiet=True
-                )
+                self._store(NotReady(old.settings, ModelState.UNAVAILABLE, old.stats, "unloaded", unloaded=True),
+                            quiet=True)
         log.info("model %s unloaded", name)
         self._notify()
 
     def _store(self, entry: ModelVersion, quiet: bool = False) -> None:
-        entry = self._with_stats(entry)
         with self._lock:
             # copy-on-write: readers iterate a dict that is never mutated under them
             versions = dict(self._entries[entry.name])
             old = versions.get(entry.settings.version)
             versions[entry.settings.version] = entry
             self._entries = {**self._entries, entry.name: versions}
-        if old is not None and old.batcher is not None and old.batcher is not entry.batcher:
-            old.batcher.close()  # queued requests still run; later ones go to the new entry
-        if old is not None and old.backend is not None and old.backend is not entry.backend:
+        if isinstance(old, ReadyModel) and old is not entry:
+            if old.batcher is not None:
+                old.batcher.close()  # queued requests still run; later ones go to the new entry
             old.backend.close()  # requests already running finish; python workers stop after them
         if quiet:
             return
-        if entry.state is ModelState.READY:
-            assert entry.contract is not None and entry.backend is not None
+        if isinstance(entry, ReadyModel):
             cols = lambda schema: ", ".join(f"{f.name}: {type_name(f.type)}" for f in schema)  # noqa: E731
             log.info(
                 "model %s version %s ready (%s) inputs [%s] -> outputs [%s]",
@@ -202,7 +174,7 @@ class ModelRegistry:
     def close(self) -> None:
         """Release every loaded model (at server stop: python models' worker processes end)."""
         for entry in self.all():
-            if entry.backend is not None:
+            if isinstance(entry, ReadyModel):
                 entry.backend.close()
 
     # --- lookups ----------------------------------------------------------------------------------
@@ -229,8 +201,10 @@ class ModelRegistry:
                 model=clip(name),
             )
         if not version:
-            ready = [v for k, v in sorted(versions.items()) if v.state is ModelState.READY]
-            return ready[-1] if ready else versions[max(versions)]
+            for key in sorted(versions, reverse=True):  # the newest READY version, else the newest
+                if isinstance(versions[key], ReadyModel):
+                    return versions[key]
+            return versions[max(versions)]
         entry = versions.get(int(version)) if is_version_string(version) else None
         if entry is None:
             raise ModelNotFound(
@@ -240,9 +214,9 @@ class ModelRegistry:
             )
         return entry
 
-    def get_ready(self, name: str, version: str | None = None) -> ModelVersion:
+    def get_ready(self, name: str, version: str | None = None) -> ReadyModel:
         entry = self.find(name, version)
-        if entry.state is not ModelState.READY:
+        if not isinstance(entry, ReadyModel):
             what = f"model '{name}' version {entry.version}"
             reason = f": {entry.reason}" if entry.reason else ""
             raise ModelNotReady(

@@ -17,20 +17,21 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from iskander.auth import TlsFiles, TokenAuth
-from iskander.core.dataplane import InferenceCore
 from iskander.arrow.checks import check_batch, needs_full
+from iskander.auth import TlsFiles, TokenAuth
+from iskander.core.control import ControlPlane
+from iskander.core.dataplane import ArrowRequest, Dataplane, RequestContext, StreamRows
+from iskander.core.model import ReadyModel
 from iskander.errors import InvalidInput, ModelNotReady, ResourceExhausted, Unimplemented
-from iskander.text import clip
-from iskander.core.control import describe, repository_index, statistics
-from iskander.core.registry import ModelState, ModelVersion
 from iskander.frontends.flight_errors import flight_errors, flight_errors_gen, to_flight_error
+from iskander.observability.observer import Observer
+from iskander.text import clip
 
 ACTIONS = {
     "health": "Server liveness and readiness, with each model version's state. Body: empty.",
@@ -116,17 +117,15 @@ def _json_result(value: Any) -> flight.Result:
 
 
 class FlightFrontend(flight.FlightServerBase):
-    def __init__(
-        self, core: InferenceCore, location: str, max_batch_bytes: int, request_timeout_s: float = 0.0, **kwargs: Any
-    ) -> None:
+    """pyarrow does not show a Flight client's own deadline to the server, and exposes no gRPC
+    message cap for Flight servers: the dataplane applies request_timeout_s and max_message_bytes
+    (to each received batch, before anything reads it)."""
+
+    def __init__(self, dataplane: Dataplane, control: ControlPlane, location: str, **kwargs: Any) -> None:
         super().__init__(location, **kwargs)
-        self.core = core
-        # pyarrow does not show a Flight client's own deadline to the server: only this one applies
-        self.request_timeout_s = request_timeout_s
-        self.max_stream_rows = 0  # set by make_flight_server
-        # pyarrow exposes no gRPC message cap for Flight servers, so the same limit as the OIP
-        # frontend's max_message_bytes is applied to each received batch before it reaches a model.
-        self.max_batch_bytes = max_batch_bytes
+        self.dataplane = dataplane
+        self.control = control
+        self.observer = dataplane.observer
         # set when the server stops: streams end after the batch they are answering
         self.draining = threading.Event()
         self._busy = 0  # batches being answered now
@@ -135,9 +134,8 @@ class FlightFrontend(flight.FlightServerBase):
 
     # --- discovery --------------------------------------------------------------------------------
 
-    def _flight_info(self, entry: ModelVersion, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        assert entry.contract is not None
-        meta = describe(entry, self.core.registry)
+    def _flight_info(self, entry: ReadyModel, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        meta = self.control.describe(entry)
         meta["output_schema_ipc"] = base64.b64encode(entry.contract.output_schema.serialize().to_pybytes()).decode()
         return flight.FlightInfo(
             entry.contract.input_schema, descriptor, [], -1, -1, app_metadata=json.dumps(meta).encode()
@@ -145,21 +143,18 @@ class FlightFrontend(flight.FlightServerBase):
 
     @flight_errors_gen
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
-        for name in self.core.registry.names():
-            entry = self.core.registry.find(name)
-            if entry.state is ModelState.READY:
-                yield self._flight_info(entry, flight.FlightDescriptor.for_path(name))
+        for entry in self.control.ready_models():
+            yield self._flight_info(entry, flight.FlightDescriptor.for_path(entry.name))
 
     @flight_errors
     def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         name, version = _descriptor_target(descriptor)
-        return self._flight_info(self.core.model(name, version), descriptor)
+        return self._flight_info(self.control.model(name, version), descriptor)
 
     @flight_errors
     def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         name, version = _descriptor_target(descriptor)
-        entry = self.core.model(name, version)
-        return flight.SchemaResult(entry.contract.input_schema)
+        return flight.SchemaResult(self.control.model(name, version).contract.input_schema)
 
     # --- inference --------------------------------------------------------------------------------
 
@@ -172,16 +167,14 @@ class FlightFrontend(flight.FlightServerBase):
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
         name, version = _descriptor_target(descriptor)
-        entry = self.core.model(name, version)
-        # Pin the version for the stream so every batch on it is answered by the same model.
+        entry = self.dataplane.model(name, version)
+        # Pin the version for the stream so every batch on it is answered by the same model version
+        # (looked up per batch: an unloaded model's next batch fails UNAVAILABLE, a reload serves it).
         version = entry.version
         started = False
-        stream_rows = 0
-        max_rows = entry.settings.max_stream_rows or self.max_stream_rows  # the model's own limits first
-        max_bytes = entry.settings.max_message_bytes or self.max_batch_bytes
-        observer = self.core.observer
-        carrier = (lambda: _trace_carrier(context)) if observer.tracing is not None else None
-        full_check: bool | None = None  # decided from the stream's schema at its first batch
+        stream = StreamRows()
+        carrier = (lambda: _trace_carrier(context)) if self.observer.tracing is not None else None
+        full_check: list[bool] = []  # decided from the stream's schema at its first batch
         while True:
             try:
                 chunk = reader.read_chunk()
@@ -201,24 +194,16 @@ class FlightFrontend(flight.FlightServerBase):
             self._busy_enter()
             try:
                 # each batch is one request: counted, traced and logged on its own
-                with observer.call("flight", "DoExchange", time.perf_counter_ns(), name, carrier) as call:
-                    try:
-                        # nothing reads the batch's buffers before this: sizes first, then structure
-                        self._check_size(entry, batch, max_bytes)
-                        if full_check is None:
-                            full_check = needs_full(batch.schema)
-                        check_batch(batch, name, full_check)
-                        stream_rows += batch.num_rows  # counted only once the batch is known sound
-                        self._check_stream_rows(entry, stream_rows, max_rows)
-                    except Exception as exc:
-                        self.core.record_failure(entry, call, exc)
-                        raise
-                    deadline = time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
-                    result = self.core.infer(name, version, batch, deadline=deadline, call=call)
-                    if not started:
-                        writer.begin(result.batch.schema)
-                        started = True
-                    writer.write_batch(result.batch)
+                ctx = RequestContext("flight", "DoExchange", time.perf_counter_ns(), None, carrier, stream)
+                entry = self.dataplane.model(name, version)
+                # the received buffers' sizes (not what the header claims) are checked before
+                # anything reads them; then the batch's structure (arrow/checks.py)
+                request = ArrowRequest(batch.get_total_buffer_size(), _checked(batch, name, full_check))
+                answer = self.dataplane.infer(entry, request, ctx)
+                if not started:
+                    writer.begin(answer.schema)
+                    started = True
+                writer.write_batch(answer)
             finally:
                 self._busy_exit()
             if self.draining.is_set():
@@ -246,28 +231,6 @@ class FlightFrontend(flight.FlightServerBase):
         with self._busy_lock:
             return self._idle.wait_for(lambda: self._busy == 0, timeout)
 
-    @staticmethod
-    def _check_size(entry: ModelVersion, batch: pa.RecordBatch, max_bytes: int) -> None:
-        name = entry.name
-        # the received buffers (not the sizes the header claims): that is what this batch holds in memory
-        size = batch.get_total_buffer_size()
-        if size > max_bytes:
-            raise ResourceExhausted(
-                f"record batch of {size} bytes for model '{name}' exceeds max_message_bytes "
-                f"({max_bytes}); send smaller batches",
-                model=name, limit="max_message_bytes", expected=max_bytes, got=size,
-            )
-
-    @staticmethod
-    def _check_stream_rows(entry: ModelVersion, stream_rows: int, max_rows: int) -> None:
-        if max_rows and stream_rows > max_rows:
-            name = entry.name
-            raise ResourceExhausted(
-                f"stream for model '{name}' carried {stream_rows} rows, more than max_stream_rows "
-                f"({max_rows}); open a new stream",
-                model=name, limit="max_stream_rows", expected=max_rows, got=stream_rows,
-            )
-
     # --- actions ----------------------------------------------------------------------------------
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
@@ -279,42 +242,38 @@ class FlightFrontend(flight.FlightServerBase):
         body = action.body.to_pybytes() if action.body is not None else b""
         if len(body) > MAX_ACTION_BODY:
             raise InvalidInput(f"action body of {len(body)} bytes is larger than {MAX_ACTION_BODY}; send a model name")
-        registry = self.core.registry
+        control = self.control
         if kind == "health":
-            yield _json_result({
-                "live": self.core.live,
-                "ready": self.core.ready(),
-                "models": [{"name": e.name, "version": e.version, "state": e.state.value} for e in registry.all()],
-            })
+            yield _json_result(control.health())
         elif kind == "ready":
             name, version = _action_target(body)
             if name is None:
-                yield _json_result({"ready": self.core.ready()})
+                yield _json_result({"ready": control.ready()})
             else:
-                entry = registry.find(name, version)
-                yield _json_result({"name": name, "version": entry.version, "ready": entry.state is ModelState.READY})
+                entry = control.entry(name, version)
+                yield _json_result({"name": name, "version": entry.version, "ready": isinstance(entry, ReadyModel)})
         elif kind == "list_models":
-            yield _json_result([describe(e, registry) for e in registry.all()])
+            yield _json_result(control.list_models())
         elif kind == "model_metadata":
             name, version = _action_target(body)
             if name is None:
                 raise InvalidInput("model_metadata needs a model name in the action body")
-            yield _json_result(describe(registry.find(name, version), registry))
+            yield _json_result(control.describe(control.entry(name, version)))
         elif kind == "statistics":
             name, version = _action_target(body)
-            yield _json_result(statistics(registry, name, version))
+            yield _json_result(control.statistics(name, version))
         elif kind == "repository_index":
             ready_only = bool(body.strip()) and bool(_json_body(body).get("ready", False))
-            yield _json_result(repository_index(registry, ready_only=ready_only))
+            yield _json_result(control.repository_index(ready_only=ready_only))
         elif kind in ("load_model", "unload_model"):
             name, _ = _action_target(body)
             if name is None:
                 raise InvalidInput(f"{kind} needs a model name in the action body")
             if kind == "load_model":
-                registry.load(name)
+                control.load(name)
             else:
-                registry.unload(name)
-            yield _json_result({"name": name, "versions": repository_index(registry, name=name)})
+                control.unload(name)
+            yield _json_result({"name": name, "versions": control.repository_index(name=name)})
         else:
             raise Unimplemented(f"unknown action '{clip(kind)}'; actions: {', '.join(ACTIONS)}", action=clip(kind))
 
@@ -353,9 +312,9 @@ class AdmissionFactory(flight.ServerMiddlewareFactory):
     batch, so refused streams never get their payload into Python. On Flight every inference call is
     a stream, so the cap is the smaller of max_concurrent_streams and max_concurrent_rpcs."""
 
-    def __init__(self, core: InferenceCore, limit: int, key: str) -> None:
+    def __init__(self, observer: Observer, limit: int, key: str) -> None:
         super().__init__()
-        self.core = core
+        self.observer = observer
         self.limit = limit
         self.key = key
         self._open = 0
@@ -374,7 +333,7 @@ class AdmissionFactory(flight.ServerMiddlewareFactory):
             "close a stream or retry later",
             limit=self.key, expected=self.limit, got=current,
         )
-        self.core.observer.unattributed_failure("flight", "DoExchange", exc)
+        self.observer.unattributed_failure("flight", "DoExchange", exc)
         raise to_flight_error(exc)
 
     def release(self) -> None:
@@ -406,10 +365,21 @@ def _trace_carrier(context: flight.ServerCallContext) -> dict[str, str] | None:
     return middleware.carrier if middleware is not None else None
 
 
+def _checked(batch: pa.RecordBatch, model: str, full_check: list[bool]) -> Callable[[], pa.RecordBatch]:
+    """The batch's structural check as the request's decode step (run after the size limit)."""
+
+    def decode() -> pa.RecordBatch:
+        if not full_check:
+            full_check.append(needs_full(batch.schema))
+        check_batch(batch, model, full_check[0])
+        return batch
+
+    return decode
+
+
 def make_flight_server(
-    core: InferenceCore, host: str, port: int, max_batch_bytes: int, request_timeout_s: float = 0.0,
-    auth: TokenAuth | None = None, tls: TlsFiles | None = None, max_stream_rows: int = 0,
-    max_concurrent_rpcs: int = 0, max_concurrent_streams: int = 0,
+    dataplane: Dataplane, control: ControlPlane, host: str, port: int, auth: TokenAuth | None = None,
+    tls: TlsFiles | None = None, max_concurrent_rpcs: int = 0, max_concurrent_streams: int = 0,
 ) -> FlightFrontend:
     middleware: dict[str, flight.ServerMiddlewareFactory] = {}
     if auth is not None and auth.enabled:
@@ -417,8 +387,8 @@ def make_flight_server(
     caps = [(limit, key) for limit, key in ((max_concurrent_streams, "max_concurrent_streams"),
                                              (max_concurrent_rpcs, "max_concurrent_rpcs")) if limit]
     if caps:
-        middleware["admission"] = AdmissionFactory(core, *min(caps))
-    if core.observer.tracing is not None:
+        middleware["admission"] = AdmissionFactory(dataplane.observer, *min(caps))
+    if dataplane.observer.tracing is not None:
         middleware["trace"] = TraceHeadersFactory()
     options: dict[str, Any] = {}
     if tls is not None:
@@ -429,12 +399,9 @@ def make_flight_server(
         }
     scheme = "grpc+tls" if tls is not None else "grpc"
     try:
-        frontend = FlightFrontend(
-            core, f"{scheme}://{host}:{port}", max_batch_bytes, request_timeout_s, middleware=middleware or None,
-            **options
+        return FlightFrontend(
+            dataplane, control, f"{scheme}://{host}:{port}", middleware=middleware or None, **options
         )
-        frontend.max_stream_rows = max_stream_rows
-        return frontend
     except pa.ArrowException as exc:  # pyarrow says only "Server did not start properly"
         raise OSError(
             f"cannot bind the Arrow Flight port {host}:{port} (in use, or not an address of this machine)"

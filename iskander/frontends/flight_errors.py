@@ -135,10 +135,10 @@ def _translated(exc: Exception, method: str, frontend: Any) -> Exception:
         return exc
     rpc = _RPC_NAMES.get(method, method)
     if isinstance(exc, IskanderError):
-        frontend.core.observer.unattributed_failure("flight", rpc, exc)
+        frontend.observer.unattributed_failure("flight", rpc, exc)
         return to_flight_error(exc)
     error = _internal(rpc, exc)
-    frontend.core.observer.unattributed_failure("flight", rpc, exc, observed_request_id(exc))
+    frontend.observer.unattributed_failure("flight", rpc, exc, observed_request_id(exc))
     return error
 
 

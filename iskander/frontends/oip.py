@@ -1,7 +1,8 @@
 """KServe Open Inference Protocol v2 gRPC frontend, wire-compatible with Triton's GRPCInferenceService.
 
-Translates OIP tensors to an Arrow RecordBatch (the contract's input columns), calls the core, and
-encodes the output columns as ``raw_output_contents``. RPCs not implemented here answer
+Translates OIP tensors into a dataplane request (an Arrow RecordBatch of the contract's input
+columns, or numpy tensors for a plain contract), calls the dataplane, and encodes the output columns
+as ``raw_output_contents``; discovery and repository RPCs encode the control plane's answers. RPCs not implemented here answer
 UNIMPLEMENTED with the feature they belong to. This module is the servicer: plain blocking code,
 no gRPC context. ``oip_server`` serves it with grpc.aio (where each call runs, admission, auth).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,11 +20,13 @@ import pyarrow as pa
 from google.protobuf.message import DecodeError
 
 from iskander._proto import grpc_service_pb2 as pb
-from iskander.core.dataplane import SERVER_NAME, InferenceCore, server_version
-from iskander.errors import InvalidInput, IskanderError, ResourceExhausted
-from iskander.core.control import ready_versions, repository_index, statistics
-from iskander.observability.observer import Call, new_request_id
-from iskander.core.registry import ModelState, ModelVersion
+from iskander.core.control import ControlPlane
+from iskander.core.dataplane import (
+    SERVER_NAME, ArrowRequest, Dataplane, RequestContext, StreamRows, TensorRequest, server_version,
+)
+from iskander.core.model import ReadyModel
+from iskander.errors import InvalidInput, IskanderError, StreamLimitExceeded
+from iskander.observability.observer import new_request_id
 from iskander.text import clip
 from iskander.frontends.oip_codec import TensorDecoder, encode_column, oip_datatype, oip_shape, oip_view, passthrough_lists
 from iskander.frontends.oip_errors import bounded, log
@@ -82,9 +85,8 @@ def _mixed_contents(name: str, model: str) -> InvalidInput:
 class _ModelCodec:
     """Per model version: decoders for its OIP input tensors, and how they form the request batch."""
 
-    def __init__(self, entry: ModelVersion) -> None:
+    def __init__(self, entry: ReadyModel) -> None:
         contract = entry.contract
-        assert contract is not None
         self.schema = contract.input_schema
         self.decoders = {
             name: TensorDecoder(entry.name, name, arrow_type, contract.cast_sources(name))
@@ -113,16 +115,16 @@ class OipServicer:
     """The OIP v2 RPCs as plain blocking methods that raise Iskander errors: no gRPC context in here.
     ``AioOip`` decides where each runs (event loop or thread pool) and maps errors to statuses."""
 
-    def __init__(self, core: InferenceCore, request_timeout_s: float = 0.0, max_stream_rows: int = 0) -> None:
-        self.core = core
-        self.request_timeout_s = request_timeout_s
-        self.max_stream_rows = max_stream_rows
+    def __init__(self, dataplane: Dataplane, control: ControlPlane) -> None:
+        self.dataplane = dataplane
+        self.control = control
+        self.observer = dataplane.observer
         # Keyed weakly by the contract object: a reloaded model gets a fresh codec and the old one
         # goes with its contract.
         self._codecs: weakref.WeakKeyDictionary[object, _ModelCodec] = weakref.WeakKeyDictionary()
         self._codecs_lock = threading.Lock()
 
-    def _codec(self, entry: ModelVersion) -> _ModelCodec:
+    def _codec(self, entry: ReadyModel) -> _ModelCodec:
         key = entry.contract
         codec = self._codecs.get(key)
         if codec is None:
@@ -134,29 +136,24 @@ class OipServicer:
     # --- health and metadata (cheap, lock-free reads: answered on the event loop) ------------------
 
     def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=self.core.live)
+        return pb.ServerLiveResponse(live=self.control.live)
 
     def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.core.ready())
+        return pb.ServerReadyResponse(ready=self.control.ready())
 
     def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
-        try:
-            entry = self.core.registry.find(request.name, request.version or None)
-        except Exception:  # unknown model or version: not ready (Triton answers the same)
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=entry.state is ModelState.READY)
+        return pb.ModelReadyResponse(ready=self.control.model_ready(request.name, request.version or None))
 
     def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS))
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
-        entry = self.core.model(request.name, request.version or None)
-        assert entry.contract is not None and entry.backend is not None
+        entry = self.control.model(request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=entry.name,
-            versions=ready_versions(self.core.registry, entry.name),
-            platform=entry.backend.platform,
+            versions=self.control.ready_versions(entry.name),
+            platform=entry.platform,
             inputs=[tensor(name=name, datatype=oip_datatype(t), shape=oip_shape(t))
                     for name, t in oip_view(entry.contract.input_schema, requests=True)],
             outputs=[tensor(name=name, datatype=oip_datatype(t), shape=oip_shape(t))
@@ -221,46 +218,31 @@ class OipServicer:
             )
         return arrays, rows or 0
 
-    def deadline(self, time_remaining: float | None) -> float | None:
-        """The earlier of the client's gRPC deadline and the server's request_timeout_s (monotonic)."""
-        now = time.monotonic()
-        candidates = []
-        if time_remaining is not None:
-            candidates.append(now + time_remaining)
-        if self.request_timeout_s:
-            candidates.append(now + self.request_timeout_s)
-        return min(candidates) if candidates else None
+    @staticmethod
+    def client_deadline(time_remaining: float | None) -> float | None:
+        """The client's gRPC deadline as time.monotonic() (the dataplane adds the server's own)."""
+        return None if time_remaining is None else time.monotonic() + time_remaining
 
-    def infer(
-        self, request: pb.ModelInferRequest, call: Call, deadline: float | None = None,
-        stream: StreamRows | None = None,
-    ) -> pb.ModelInferResponse:
+    def infer(self, request: pb.ModelInferRequest, ctx: RequestContext) -> pb.ModelInferResponse:
         model = request.model_name
-        entry = self.core.model(model, request.model_version or None)
+        entry = self.dataplane.model(model, request.model_version or None)
         codec = self._codec(entry)
-        try:
-            limit = entry.settings.max_message_bytes
-            if limit:
-                size = sum(len(raw) for raw in request.raw_input_contents)
-                if size > limit:
-                    raise ResourceExhausted(
-                        f"request of {size} bytes of tensor data for model '{model}' exceeds its max_message_bytes "
-                        f"({limit})",
-                        model=model, limit="max_message_bytes", expected=limit, got=size,
-                    )
-            arrays, rows = self._decode(request, codec, model)
-        except Exception as exc:
-            self.core.record_failure(entry, call, exc)
-            raise
-        if stream is not None:  # counted only once the shapes are validated
-            stream.add(rows, entry.settings.max_stream_rows or self.max_stream_rows, model)
+        nbytes = sum(len(raw) for raw in request.raw_input_contents)
         requested: Sequence[str] = list(dict.fromkeys(o.name for o in request.outputs))
+        outputs = requested or None
         if codec.plain:
-            return self._infer_plain(entry, codec, request, arrays, rows, requested, call, deadline)
-        batch = codec.batch(arrays, rows)
-        result = self.core.infer(model, entry.version, batch, outputs=requested or None, deadline=deadline, call=call)
-        out = result.batch
-        response = pb.ModelInferResponse(model_name=model, model_version=result.version, id=request.id)
+            def tensors() -> tuple[Mapping[str, Any], int]:
+                return self._decode(request, codec, model)
+
+            answer = self.dataplane.infer(entry, TensorRequest(nbytes, tensors, outputs), ctx)
+            return self._plain_response(entry, codec, request, answer.outputs, answer.tensors, answer.rows)
+
+        def batch() -> pa.RecordBatch:
+            arrays, rows = self._decode(request, codec, model)
+            return codec.batch(arrays, rows)
+
+        out = self.dataplane.infer(entry, ArrowRequest(nbytes, batch, outputs), ctx)
+        response = pb.ModelInferResponse(model_name=model, model_version=entry.version, id=request.id)
         columns = dict(zip(out.schema.names, out.columns)) if codec.flat_outputs else _flat_columns(out, codec.skip)
         names = requested or list(columns)
         raw_outputs = []
@@ -274,11 +256,11 @@ class OipServicer:
         response.raw_output_contents.extend(raw_outputs)
         return response
 
-    def _infer_plain(
-        self, entry: ModelVersion, codec: _ModelCodec, request: pb.ModelInferRequest, arrays: dict[str, Any],
-        rows: int, requested: Sequence[str], call: Call, deadline: float | None,
+    @staticmethod
+    def _plain_response(
+        entry: ReadyModel, codec: _ModelCodec, request: pb.ModelInferRequest, selected: Sequence[Any],
+        tensors: dict[str, np.ndarray], rows: int,
     ) -> pb.ModelInferResponse:
-        selected, tensors = self.core.infer_tensors(entry, arrays, rows, requested or None, deadline, call)
         response = pb.ModelInferResponse(model_name=entry.name, model_version=entry.version, id=request.id)
         raw_outputs = []
         for binding in selected:
@@ -293,11 +275,11 @@ class OipServicer:
         self, request: pb.ModelInferRequest | bytes, deadline: float | None = None, received: int | None = None,
         metadata: Sequence[tuple[str, Any]] | None = None,
     ) -> pb.ModelInferResponse:
+        """``deadline``: the client's, as time.monotonic()."""
         received = received or time.perf_counter_ns()
         if isinstance(request, bytes):
             request = _parse(pb.ModelInferRequest, request, "ModelInfer")
-        with self.core.observer.call("grpc", "ModelInfer", received, request.model_name, _carrier(metadata)) as call:
-            return self.infer(request, call, deadline)
+        return self.infer(request, RequestContext("grpc", "ModelInfer", received, deadline, _carrier(metadata)))
 
     def stream_step(
         self, raw: bytes, stream: StreamRows, time_remaining: float | None, received: int,
@@ -305,25 +287,24 @@ class OipServicer:
     ) -> bytes:
         """One ModelStreamInfer request -> the serialized answer. A failed request gets
         ``error_message`` and the stream stays open for the next; only the stream's row limit ends
-        the stream (raises StreamLimit)."""
-        observer = self.core.observer
+        the stream (raises StreamLimitExceeded)."""
+        observer = self.observer
         request = None
-        call = None
+        ctx = RequestContext("grpc", "ModelStreamInfer", received, self.client_deadline(time_remaining),
+                             _carrier(metadata), stream)
         try:
             request = _parse(pb.ModelInferRequest, raw, "ModelStreamInfer")
-            with observer.call("grpc", "ModelStreamInfer", received, request.model_name, _carrier(metadata)) as call:
-                response = self.infer(request, call, self.deadline(time_remaining), stream)
+            response = self.infer(request, ctx)
             return pb.ModelStreamInferResponse(infer_response=response).SerializeToString()
-        except StreamLimit:
+        except StreamLimitExceeded:
             raise
         except IskanderError as exc:
-            observer.unattributed_failure("grpc", "ModelStreamInfer", exc, call.request_id if call else None)
+            observer.unattributed_failure("grpc", "ModelStreamInfer", exc, ctx.request_id)
             message = bounded(exc.message)
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the stream
-            request_id = call.request_id if call else new_request_id()
-            log.exception("internal error in ModelStreamInfer (request id %s)", request_id)
-            observer.unattributed_failure("grpc", "ModelStreamInfer", exc, request_id)
-            message = f"internal server error (request id {request_id})"
+            log.exception("internal error in ModelStreamInfer (request id %s)", ctx.request_id)
+            observer.unattributed_failure("grpc", "ModelStreamInfer", exc, ctx.request_id)
+            message = f"internal server error (request id {ctx.request_id})"
         echo = pb.ModelInferResponse()
         if request is not None:  # Triton echoes these so a client can match the error to its request
             echo = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
@@ -333,17 +314,17 @@ class OipServicer:
     # --- Triton extensions: configuration, statistics, repository ------------------------------
 
     def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
-        entry = self.core.model(request.name, request.version or None)
-        return pb.ModelConfigResponse(config=model_config(entry, self.core.registry, self.core.max_batch_size(entry)))
+        entry = self.control.model(request.name, request.version or None)
+        return pb.ModelConfigResponse(config=model_config(entry, self.control.configured_versions(entry.name)))
 
     def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
-        snapshots = statistics(self.core.registry, request.name or None, request.version or None)
+        snapshots = self.control.statistics(request.name or None, request.version or None)
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(s) for s in snapshots])
 
     def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(
-            models=[index(**m) for m in repository_index(self.core.registry, ready_only=request.ready)]
+            models=[index(**m) for m in self.control.repository_index(ready_only=request.ready)]
         )
 
     def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
@@ -354,32 +335,12 @@ class OipServicer:
                 "models from its configuration and accepts no config or file overrides from clients",
                 model=clip(request.model_name),
             )
-        self.core.registry.load(request.model_name)
+        self.control.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
-        self.core.registry.unload(request.model_name)
+        self.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-
-class StreamLimit(Exception):
-    """The stream carried more rows than max_stream_rows: the stream ends RESOURCE_EXHAUSTED."""
-
-
-class StreamRows:
-    """Rows one ModelStreamInfer stream has carried; touched by one pool thread at a time (a
-    stream's requests are answered in order)."""
-
-    __slots__ = ("rows",)
-
-    def __init__(self) -> None:
-        self.rows = 0
-
-    def add(self, rows: int, limit: int, model: str) -> None:
-        self.rows += rows
-        if limit and self.rows > limit:
-            raise StreamLimit(f"stream for model '{clip(model)}' carried {self.rows} rows, more than "
-                               f"max_stream_rows ({limit}); open a new stream")
 
 
 def _parse(message_type: type, raw: bytes, method: str) -> Any:

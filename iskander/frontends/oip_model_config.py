@@ -15,7 +15,7 @@ import pyarrow as pa
 from iskander._proto import grpc_service_pb2 as pb
 from iskander._proto import model_config_pb2 as mc
 from iskander.arrow.types import row_shape
-from iskander.core.registry import ModelRegistry, ModelVersion
+from iskander.core.model import ReadyModel
 from iskander.frontends.oip_codec import oip_datatype, oip_view, passthrough_lists
 
 UNLIMITED_BATCH = 2**31 - 1  # max_batch_size advertised when the server sets no limit
@@ -34,28 +34,28 @@ def _tensor_dims(arrow_type: pa.DataType) -> tuple[list[int], bool]:
     return (dims, False) if dims else ([1], True)
 
 
-def max_batch_size(entry: ModelVersion, limit: int = 0) -> int:
-    """``limit`` is the rows-per-request bound in force (the model's or the server's default)."""
-    if limit:
-        return limit
+def max_batch_size(entry: ReadyModel) -> int:
+    """The rows-per-request bound in force (the model's or the server's default), else what the
+    batcher or a fixed batch dimension allows."""
+    if entry.limits.max_batch_size:
+        return entry.limits.max_batch_size
     if entry.settings.dynamic_batching is not None:
         return entry.settings.dynamic_batching.max_batch_rows
-    assert entry.contract is not None
     fixed = [b.fixed_rows for b in entry.contract.inputs if b.fixed_rows is not None]
     return min(fixed) if fixed else UNLIMITED_BATCH
 
 
-def model_config(entry: ModelVersion, registry: ModelRegistry, limit: int = 0) -> mc.ModelConfig:
+def model_config(entry: ReadyModel, versions: list[int]) -> mc.ModelConfig:
+    """``versions``: every configured version of the model (its version_policy)."""
     contract, backend = entry.contract, entry.backend
-    assert contract is not None and backend is not None
     config = mc.ModelConfig(
         name=entry.name,
         platform=backend.platform,
         backend=backend.backend_name,
-        max_batch_size=max_batch_size(entry, limit),
+        max_batch_size=max_batch_size(entry),
         default_model_filename=entry.settings.path.name,
         version_policy=mc.ModelVersionPolicy(
-            specific=mc.ModelVersionPolicy.Specific(versions=[int(v.version) for v in registry.versions(entry.name)])
+            specific=mc.ModelVersionPolicy.Specific(versions=versions)
         ),
         instance_group=[
             mc.ModelInstanceGroup(

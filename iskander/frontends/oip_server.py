@@ -22,9 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from iskander._proto import grpc_service_pb2 as pb
 from iskander.auth import TlsFiles, TokenAuth
-from iskander.core.dataplane import InferenceCore
-from iskander.core.registry import ModelState
-from iskander.frontends.oip import UNIMPLEMENTED, OipServicer, StreamLimit, StreamRows
+from iskander.core.control import ControlPlane
+from iskander.core.dataplane import Dataplane, StreamRows
+from iskander.errors import StreamLimitExceeded
+from iskander.frontends.oip import UNIMPLEMENTED, OipServicer
 from iskander.frontends.oip_errors import abort_with
 
 _SERVICE = "inference.GRPCInferenceService"
@@ -102,8 +103,8 @@ class InlinePolicy:
     INLINE_MAX_OPEN = 24
     _ALPHA = 0.2  # EWMA weight of the newest request
 
-    def __init__(self, core: InferenceCore) -> None:
-        self.core = core
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
         self._cost: dict[tuple[str, str], float] = {}  # (model, version asked) -> EWMA seconds per request
 
     def inline(self, request: pb.ModelInferRequest, open_calls: int) -> bool:
@@ -114,7 +115,7 @@ class InlinePolicy:
         if cost is None or cost >= self.INLINE_BUDGET_S:
             return False
         try:
-            entry = self.core.registry.find(request.model_name, request.model_version or None)
+            entry = self.control.entry(request.model_name, request.model_version or None)
         except Exception:  # noqa: BLE001 - unknown model: the pool path reports it
             return False
         return entry.settings.dynamic_batching is None
@@ -133,10 +134,10 @@ class AioOip:
 
     def __init__(self, servicer: OipServicer, pool: futures.ThreadPoolExecutor, admission: Admission) -> None:
         self.servicer = servicer
-        self.observer = servicer.core.observer
+        self.observer = servicer.observer
         self.pool = pool
         self.admission = admission
-        self.inline = InlinePolicy(servicer.core)
+        self.inline = InlinePolicy(servicer.control)
 
     def _timed_infer(self, request: pb.ModelInferRequest, deadline: float | None, received: int,
                      metadata: Any) -> bytes:
@@ -219,7 +220,7 @@ class AioOip:
             if raw is grpc.aio.EOF:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ModelInfer: no request message")
             received = time.perf_counter_ns()
-            deadline = self.servicer.deadline(context.time_remaining())
+            deadline = self.servicer.client_deadline(context.time_remaining())
             try:
                 request = self._small(raw)
                 if request is None:
@@ -265,8 +266,8 @@ class AioOip:
                             self.pool, self._timed_step, request, raw, rows, context.time_remaining(), received,
                             metadata,
                         )
-                except StreamLimit as exc:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                except StreamLimitExceeded as exc:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
                 await context.write(answer)
         finally:
             self.admission.leave(stream=True)
@@ -404,13 +405,13 @@ def _loop_thread() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
 
 
 def make_grpc_server(
-    core: InferenceCore, host: str, port: int, workers: int, max_message_bytes: int, request_timeout_s: float = 0.0,
-    auth: TokenAuth | None = None, health_open: bool = True, tls: TlsFiles | None = None, max_stream_rows: int = 0,
+    dataplane: Dataplane, control: ControlPlane, host: str, port: int, workers: int, max_message_bytes: int,
+    auth: TokenAuth | None = None, health_open: bool = True, tls: TlsFiles | None = None,
     max_concurrent_rpcs: int = 0, max_concurrent_streams: int = 0,
 ) -> tuple[GrpcServer, int, LoopHealth]:
     loop, thread = _loop_thread()
     pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip")
-    oip = AioOip(OipServicer(core, request_timeout_s, max_stream_rows), pool,
+    oip = AioOip(OipServicer(dataplane, control), pool,
                  Admission(max_concurrent_rpcs, max_concurrent_streams))
 
     async def build() -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
@@ -450,13 +451,13 @@ def make_grpc_server(
     return grpc_server, bound, LoopHealth(health_servicer, loop)
 
 
-def set_health(health_servicer: LoopHealth, core: InferenceCore, serving: bool) -> None:
+def set_health(health_servicer: LoopHealth, control: ControlPlane, serving: bool) -> None:
     """Server status under '' and the service name; each model's under its name (grpc_health_probe -service)."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     health_servicer.set("", status)
     health_servicer.set("inference.GRPCInferenceService", status)
-    for name in core.registry.names():
-        ready = serving and core.registry.find(name).state is ModelState.READY
+    for name, ready in control.model_health().items():
         health_servicer.set(
-            name, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            name,
+            health_pb2.HealthCheckResponse.SERVING if serving and ready else health_pb2.HealthCheckResponse.NOT_SERVING,
         )

@@ -34,12 +34,12 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 
 from iskander.auth import TokenAuth
+from iskander.core.model import ModelVersion, ReadyModel
 from iskander.observability.stats import BATCH_BOUNDS, DURATION_BOUNDS_NS
 
 if TYPE_CHECKING:
-    from iskander.core.dataplane import InferenceCore
-    from iskander.core.registry import ModelVersion
     from iskander.config.settings import ObservabilitySettings
+    from iskander.core.registry import ModelRegistry
 
 log = logging.getLogger("iskander.observability.metrics")
 
@@ -73,10 +73,15 @@ def _labels(entry: ModelVersion, protocol: str | None = None) -> dict[str, str]:
 
 
 class Metrics:
-    """The exporters, bound to one core; ``start`` serves /metrics when a port is configured."""
+    """The exporters, reading the registry's statistics; ``start`` serves /metrics when a port is
+    configured. ``inflight`` gives requests admitted and not finished by model version key."""
 
-    def __init__(self, core: InferenceCore, settings: ObservabilitySettings, resource: Resource) -> None:
-        self.core = core
+    def __init__(
+        self, models: ModelRegistry, inflight: Callable[[], dict[str, int]], settings: ObservabilitySettings,
+        resource: Resource,
+    ) -> None:
+        self.models = models
+        self.inflight = inflight
         self.settings = settings
         self._providers: list[MeterProvider] = []
         self._rpc_failures: list[Any] = []
@@ -86,7 +91,7 @@ class Metrics:
         self._drain_lock = threading.Lock()
         self._stopping = threading.Event()
         self._drainer: threading.Thread | None = None
-        stats = [e.stats for e in core.registry.all() if e.stats is not None]  # they outlive reloads
+        stats = [e.stats for e in models.all()]  # they outlive reloads
         if settings.metrics_port is not None:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
             from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -95,7 +100,7 @@ class Metrics:
             self.registry = CollectorRegistry()
             for collector in (ProcessCollector, PlatformCollector, GCCollector):
                 collector(registry=self.registry)
-            self.registry.register(_HistogramCollector(core))
+            self.registry.register(_HistogramCollector(models))
             provider = MeterProvider(
                 metric_readers=[PrometheusMetricReader(scope_info_enabled=False, registry=self.registry)],
                 resource=resource,
@@ -205,7 +210,7 @@ class Metrics:
     # --- callbacks --------------------------------------------------------------------------------
 
     def _entries(self) -> Iterable[ModelVersion]:
-        return (e for e in self.core.registry.all() if e.stats is not None)
+        return self.models.all()
 
     def _drain(self) -> None:
         """Record the buffered request timings into the OTLP histograms."""
@@ -248,25 +253,24 @@ class Metrics:
                     yield Observation(n, {**_labels(entry, protocol), "code": code})
 
     def _inflight(self, options: CallbackOptions) -> Iterable[Observation]:
-        inflight = self.core.inflight()
+        inflight = self.inflight()
         for entry in self._entries():
             yield Observation(inflight.get(entry.settings.key, 0), _labels(entry))
 
     def _queued(self, options: CallbackOptions) -> Iterable[Observation]:
         for entry in self._entries():
-            yield Observation(entry.batcher.queued() if entry.batcher is not None else 0, _labels(entry))
+            batcher = entry.batcher if isinstance(entry, ReadyModel) else None
+            yield Observation(batcher.queued() if batcher is not None else 0, _labels(entry))
 
     def _restarts(self, options: CallbackOptions) -> Iterable[Observation]:
         for entry in self._entries():
-            restarts = getattr(entry.backend, "restarts", None)
+            restarts = entry.backend.restarts if isinstance(entry, ReadyModel) else None
             if restarts is not None:
                 yield Observation(restarts, _labels(entry))
 
     def _ready(self, options: CallbackOptions) -> Iterable[Observation]:
-        from iskander.core.registry import ModelState
-
         for entry in self._entries():
-            yield Observation(int(entry.state is ModelState.READY), _labels(entry))
+            yield Observation(int(isinstance(entry, ReadyModel)), _labels(entry))
 
 
 _QUEUED = "Requests waiting in the dynamic-batching queue (nv_inference_pending_request_count)."
@@ -320,8 +324,8 @@ class _HistogramCollector:
     """Publishes the histograms ``ModelStats`` counts, under the names the OpenTelemetry Prometheus
     exporter would give them (so dashboards work whichever path fed them)."""
 
-    def __init__(self, core: InferenceCore) -> None:
-        self.core = core
+    def __init__(self, models: ModelRegistry) -> None:
+        self.models = models
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import HistogramMetricFamily
@@ -331,9 +335,7 @@ class _HistogramCollector:
         for name, (otel_name, unit, description) in HISTOGRAMS.items():
             prom = otel_name.replace(".", "_") + ("_seconds" if unit == "s" else "")
             families[name] = HistogramMetricFamily(prom, description, labels=["model", "version", "protocol"])
-        for entry in self.core.registry.all():
-            if entry.stats is None:
-                continue
+        for entry in self.models.all():
             for protocol, hists in entry.stats.histograms().items():
                 for name, hist in hists.items():
                     scale = 1e9 if name != "batch_size" else 1

@@ -1,21 +1,21 @@
 """Where every inference request is accounted for: statistics, metric samples, spans and logs.
 
-Frontends open a ``Call`` per request (protocol, method, request id, receive time, span); the core
-reports each outcome here once, so both protocols are counted, traced and logged the same way.
-Failures that never reach a model (unknown model, malformed call) are reported by the frontend's
-one error mapping through ``unattributed_failure``.
+The dataplane opens each request here (``begin``: its span when tracing is on) and reports its
+outcome once (``success`` / ``failure``), so both protocols are counted, traced and logged the
+same way. Failures that never reach a model (unknown model, malformed call) are reported by the
+frontend's one error mapping through ``unattributed_failure``. Metrics and tracing are given at
+construction and never change.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -24,8 +24,8 @@ from iskander.observability.stats import Execution
 from iskander.text import clip
 
 if TYPE_CHECKING:
+    from iskander.core.model import ReadyModel
     from iskander.observability.metrics import Metrics
-    from iskander.core.registry import ModelVersion
     from iskander.observability.tracing import Tracing
 
 log = logging.getLogger("iskander.requests")
@@ -42,15 +42,15 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ids):x}"
 
 
-@attrs.define(slots=True)
-class Call:
-    """One inference request as the frontend received it."""
+class Call(Protocol):
+    """One inference request as the frontend received it (the dataplane's ``RequestContext``)."""
 
     protocol: str  # "flight" | "grpc" | "internal"
     method: str  # DoExchange, ModelInfer, ModelStreamInfer, ...
     received_ns: int  # perf_counter_ns when the frontend got it
-    request_id: str = attrs.Factory(new_request_id)
-    span: Any = None  # the frontend's SERVER span when tracing is on
+    request_id: str
+    span: Any  # the SERVER span when tracing is on, set by ``begin``
+    carrier: Callable[[], Mapping[str, str] | None] | None  # the client's W3C trace context
 
 
 @attrs.frozen
@@ -89,30 +89,18 @@ class Observer:
         self.metrics = metrics
         self.tracing = tracing if tracing is not None and tracing.enabled else None
 
-    # --- frontend side ----------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def call(
-        self, protocol: str, method: str, received_ns: int, model: str,
-        carrier: Callable[[], Mapping[str, str] | None] | None = None,
-    ) -> Iterator[Call]:
-        """Scope of one request in a frontend: opens and closes its span (when tracing is on)."""
-        call = Call(protocol, method, received_ns)
-        if self.tracing is None:
-            yield call
+    def begin(self, call: Call, model: str) -> None:
+        """A request for ``model`` starts: its span opens (when tracing is on)."""
+        tracing = self.tracing
+        if tracing is None:
             return
         model = clip(model)  # client text: bounded before it reaches a span
-        call.span = self.tracing.start_request(
-            f"{method} {model}", carrier() if carrier is not None else None, received_ns,
-            {"rpc.system": "grpc", "rpc.method": method, "iskander.protocol": protocol, "iskander.model": model,
-             "iskander.request_id": call.request_id},
+        carrier = call.carrier
+        call.span = tracing.start_request(
+            f"{call.method} {model}", carrier() if carrier is not None else None, call.received_ns,
+            {"rpc.system": "grpc", "rpc.method": call.method, "iskander.protocol": call.protocol,
+             "iskander.model": model, "iskander.request_id": call.request_id},
         )
-        try:
-            yield call
-        except BaseException as exc:
-            self.tracing.end(call.span, error_code(exc), clip(getattr(exc, "message", exc), MAX_LOGGED_MESSAGE))
-            raise
-        self.tracing.end(call.span)
 
     def unattributed_failure(self, protocol: str, method: str, exc: BaseException, request_id: str | None = None) -> None:
         """A call that failed without reaching a model's accounting: one warning line and a metric."""
@@ -129,12 +117,9 @@ class Observer:
                 extra={"request_id": request_id, "protocol": protocol, "method": method, "status": code},
             )
 
-    # --- core side --------------------------------------------------------------------------------
-
-    def success(self, entry: ModelVersion, call: Call, t: Timings | None, rows: int) -> None:
+    def success(self, entry: ReadyModel, call: Call, t: Timings | None, rows: int) -> None:
         """``t`` is None for a zero-row request (nothing ran)."""
         stats = entry.stats
-        assert stats is not None
         done = t.done if t is not None else time.perf_counter_ns()
         total = done - call.received_ns
         execution = None if t is None else Execution(
@@ -146,8 +131,11 @@ class Observer:
             new_execution=t.new_execution,
         )
         stats.record_success(total, execution, rows, call.protocol)
-        if call.span is not None and t is not None:
-            self._spans(entry, call, t, rows)
+        tracing = self.tracing
+        if call.span is not None and tracing is not None:
+            if t is not None:
+                self._spans(tracing, entry, call, t, rows)
+            tracing.end(call.span)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s %s model=%s version=%s rows=%d status=OK duration_ms=%.3f", call.protocol, call.method,
@@ -157,17 +145,18 @@ class Observer:
                        "duration_ms": round(total / 1e6, 3)},
             )
 
-    def failure(self, entry: ModelVersion, call: Call, exc: BaseException) -> None:
+    def failure(self, entry: ReadyModel, call: Call, exc: BaseException) -> None:
         """A request for a known model that failed, in the frontend's decoding or in the core."""
         if observed_request_id(exc) is not None:
             return
-        assert entry.stats is not None
         total = time.perf_counter_ns() - call.received_ns
         code = error_code(exc)
         entry.stats.record_failure(total, call.protocol, code)
         mark_observed(exc, call.request_id)
-        if call.span is not None:
+        tracing = self.tracing
+        if call.span is not None and tracing is not None:
             call.span.set_attribute("iskander.version", entry.version)
+            tracing.end(call.span, code, clip(getattr(exc, "message", exc), MAX_LOGGED_MESSAGE))
         if log.isEnabledFor(logging.WARNING):
             message = clip(exc.message, MAX_LOGGED_MESSAGE) if isinstance(exc, IskanderError) \
                 else "internal server error"
@@ -179,15 +168,14 @@ class Observer:
                        "duration_ms": round(total / 1e6, 3)},
             )
 
-    def _spans(self, entry: ModelVersion, call: Call, t: Timings, rows: int) -> None:
-        tracing = self.tracing
-        assert tracing is not None
+    @staticmethod
+    def _spans(tracing: Tracing, entry: ReadyModel, call: Call, t: Timings, rows: int) -> None:
         call.span.set_attribute("iskander.version", entry.version)
         call.span.set_attribute("iskander.rows", rows)
         core = tracing.child(call.span, "iskander.infer", t.entered, t.done,
                              {"iskander.model": entry.name, "iskander.version": entry.version, "iskander.rows": rows})
         if t.queued_ns:
             tracing.child(core, "iskander.batch_queue", t.prepared, t.prepared + t.queued_ns, {})
-        runtime = entry.backend.backend_name if entry.backend is not None else "backend"
+        runtime = entry.backend.backend_name
         tracing.child(core, f"{runtime}.run", t.ran_at - t.infer_ns, t.ran_at,  # "onnxruntime.run"
                       {"iskander.batch_rows": t.batch_rows, "iskander.batched": t.batch_rows != rows})
