@@ -1,7 +1,7 @@
 """OpenTelemetry tracing: one server span per request, with the core and backend as children.
 
 Off unless ``[observability] otlp_endpoint`` is set: then nothing is imported, no provider exists
-and every hook is an ``is None`` test. When on, the frontend opens a SERVER span whose parent is
+and every hook is an ``is None`` test. When on, the dataplane opens a SERVER span whose parent is
 the W3C ``traceparent`` the client sent (gRPC metadata or Flight headers); the core adds its
 children after the fact from the timings it measures anyway (perf_counter_ns), so a batched
 execution, which runs on the batcher's thread, still lands under the request that waited for it.
