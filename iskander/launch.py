@@ -43,10 +43,12 @@ def spawn_server(config: Path | None, log_path: Path, *extra: str, timeout: floa
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     lines: queue.Queue[str | None] = queue.Queue()
+    stdout = proc.stdout
+    if stdout is None:  # cannot happen with stdout=PIPE; a real check, not an assert (python -O)
+        raise RuntimeError("the server process has no stdout pipe")
 
     def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in stdout:
             lines.put(line.rstrip("\n"))
         lines.put(None)
 

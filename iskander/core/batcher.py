@@ -42,8 +42,7 @@ class _Pending:
     rows: int
     enqueued: int
     done: threading.Event = attrs.Factory(threading.Event)
-    run: BatchRun | None = None
-    error: BaseException | None = None
+    outcome: BatchRun | BaseException | None = None  # set before ``done``
     taken: bool = False  # claimed by a worker (or, after close, by its own requester)
     deadline: float | None = None  # time.monotonic(); expired items are answered without running
 
@@ -84,10 +83,10 @@ class Batcher:
             # close() raced with this put: the workers may be gone, so run it here unless one took it
             if self._closed and self._take(item):
                 return self._run_alone(feeds, rows, now)
-        if item.error is not None:
-            raise item.error
-        assert item.run is not None
-        return item.run
+        outcome = item.outcome
+        if isinstance(outcome, BatchRun):
+            return outcome
+        raise outcome if outcome is not None else RuntimeError("batcher signalled a request without an outcome")
 
     def _take(self, item: _Pending) -> bool:
         with self._claim:
@@ -148,7 +147,7 @@ class Batcher:
         expired = [g for g in group if g.deadline is not None and g.deadline <= now]
         if expired:
             for item in expired:
-                item.error = DeadlineExceeded(
+                item.outcome = DeadlineExceeded(
                     f"model '{self.model}': the request's deadline passed while it waited in the batch queue; "
                     "it was not run",
                     model=self.model,
@@ -167,15 +166,15 @@ class Batcher:
                 results = self.backend.run(self.tensors, merged, self.model)
         except Exception as exc:  # noqa: BLE001 - answered per request below
             if len(group) == 1:
-                group[0].error = exc
+                group[0].outcome = exc
                 group[0].done.set()
                 return
             log.info("batched run of %d requests for model %s failed; running them one by one", len(group), self.model)
             for item in group:
                 try:
-                    item.run = self._run_alone(item.feeds, item.rows, item.enqueued)
+                    item.outcome = self._run_alone(item.feeds, item.rows, item.enqueued)
                 except Exception as single:  # noqa: BLE001
-                    item.error = single
+                    item.outcome = single
                 item.done.set()
             return
         infer_ns = time.perf_counter_ns() - start
@@ -183,5 +182,5 @@ class Batcher:
         for i, item in enumerate(group):
             share = {name: r[offset:offset + item.rows] for name, r in zip(self.tensors, results)}
             offset += item.rows
-            item.run = BatchRun(share, start - item.enqueued, infer_ns, rows, i == 0)
+            item.outcome = BatchRun(share, start - item.enqueued, infer_ns, rows, i == 0)
             item.done.set()
