@@ -14,7 +14,7 @@ import click
 
 from iskander.errors import ConfigError
 from iskander.observability.logs import setup_logging
-from iskander.config.settings import DEFAULT_METRICS_PORT, LOG_FORMATS, default_config_path, load_config
+from iskander.config.settings import DEFAULT_METRICS_PORT, LOG_FORMATS, Settings, default_config_path, load_config
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,9 +39,12 @@ from iskander.config.settings import DEFAULT_METRICS_PORT, LOG_FORMATS, default_
               show_default=True, help="debug logs one line per request; warning and up, one per failed request.")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default=None,
               help="text, or json (one object per line). [default: text, or [observability] log_format]")
+@click.option("--check", is_flag=True, default=False,
+              help="Load the config and every model, print each model's state, and exit (0 if all loaded, "
+                   "1 otherwise) without binding a port: for CI and container builds.")
 def main(config_path: Path | None, host: str | None, flight_port: int | None, grpc_port: int | None,
          tls_cert: Path | None, tls_key: Path | None, metrics_port: int | None, otlp_endpoint: str | None,
-         log_level: str, log_format: str | None) -> None:
+         log_level: str, log_format: str | None, check: bool) -> None:
     """Serve ONNX models over Arrow Flight and KServe OIP v2 gRPC from one process."""
     # `kill -USR1 <pid>` writes every thread's stack to stderr: for diagnosing a stuck server
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -62,6 +65,9 @@ def main(config_path: Path | None, host: str | None, flight_port: int | None, gr
                                    ("tls_key", tls_key and tls_key.resolve())) if v is not None}
     settings = attrs.evolve(settings, server=attrs.evolve(settings.server, **overrides))
 
+    if check:
+        sys.exit(check_models(settings))
+
     from iskander.server import IskanderServer  # heavy imports only once the config is known good
 
     try:
@@ -76,3 +82,20 @@ def main(config_path: Path | None, host: str | None, flight_port: int | None, gr
         logging.shutdown()
         sys.stdout.flush()
         os._exit(0)
+
+
+def check_models(settings: Settings) -> int:
+    """Load every configured model as the server would, print one line per version; 0 if all loaded."""
+    from iskander.core.model import ModelState
+    from iskander.core.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.models)
+    registry.load_all()
+    try:
+        entries = registry.all()
+        for e in entries:
+            reason = f": {e.reason}" if e.reason else ""
+            click.echo(f"{e.name} version {e.version}: {e.state.value}{reason}")
+        return 0 if all(e.state is ModelState.READY for e in entries) else 1
+    finally:
+        registry.close()

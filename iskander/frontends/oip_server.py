@@ -451,13 +451,19 @@ def make_grpc_server(
     return grpc_server, bound, LoopHealth(health_servicer, loop)
 
 
+# grpc.health service SERVING exactly when ServerReady is true; model names cannot hold "/", so no clash
+READY_SERVICE = "iskander/ready"
+
+
 def set_health(health_servicer: LoopHealth, control: ControlPlane, serving: bool) -> None:
-    """Server status under '' and the service name; each model's under its name (grpc_health_probe -service)."""
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    health_servicer.set("", status)
-    health_servicer.set("inference.GRPCInferenceService", status)
+    """Server status under '' and the service name (liveness: the process serves); readiness under
+    'iskander/ready' (every configured model loaded, as ServerReady); each model's under its name
+    (grpc_health_probe -service)."""
+    def status(up: bool) -> int:
+        return health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    health_servicer.set("", status(serving))
+    health_servicer.set("inference.GRPCInferenceService", status(serving))
+    health_servicer.set(READY_SERVICE, status(serving and control.ready()))
     for name, ready in control.model_health().items():
-        health_servicer.set(
-            name,
-            health_pb2.HealthCheckResponse.SERVING if serving and ready else health_pb2.HealthCheckResponse.NOT_SERVING,
-        )
+        health_servicer.set(name, status(serving and ready))
