@@ -1,7 +1,11 @@
 """The import layering of docs/architecture.md, checked on the source (no imports executed).
 
-frontends -> core -> contract -> backends: a layer imports only what lies below it, a model runtime
-is imported only by its backend module, and nothing above the backends names an implementation.
+Layers, bottom to top: shared (errors, text, auth) -> arrow -> config -> backends -> contract ->
+models (core.model, core.registry, core.batcher, observability.stats) -> observability -> core
+(dataplane, control) -> frontends -> server. A module imports iskander modules of its own layer or
+below only; a model runtime is imported only by its backend module; nothing above the backends
+names an implementation; the frontends reach models only through the dataplane and control plane.
+The client and batch scoring stand apart: they talk to a server over Flight and import none of it.
 Every import statement counts, including those inside functions and under TYPE_CHECKING.
 """
 
@@ -14,19 +18,30 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "iskander"
 
-# Layers below the frontends: protocol-agnostic, so neither gRPC nor Flight nor any frontend.
-CORE = {
-    "iskander.core.dataplane", "iskander.core.registry", "iskander.contract.compile", "iskander.core.batcher", "iskander.observability.stats",
-    "iskander.observability.observer", "iskander.config.settings", "iskander.contract.manifest", "iskander.errors", "iskander.text",
-    "iskander.core.control", "iskander.arrow.types", "iskander.arrow.tensor", "iskander.arrow.checks",
+# (layer, module prefixes), bottom to top
+LAYERS = (
+    ("shared", ("iskander.errors", "iskander.text", "iskander.auth")),
+    ("arrow", ("iskander.arrow",)),
+    ("config", ("iskander.config",)),
+    ("backends", ("iskander.backends",)),
+    ("contract", ("iskander.contract",)),
+    ("models", ("iskander.core.model", "iskander.core.registry", "iskander.core.batcher", "iskander.observability.stats")),
+    ("observability", ("iskander.observability",)),
+    ("core", ("iskander.core",)),
+    ("frontends", ("iskander.frontends", "iskander._proto")),
+    ("server", ("iskander.server", "iskander.cli", "iskander.launch", "iskander")),
+)
+# Standing apart: what each may import from iskander (they never load models or serve).
+APART = {
+    "iskander.client": ("iskander.client",),
+    "iskander.scoring": ("iskander.scoring", "iskander.client"),
+    "iskander.demo": ("iskander.demo",),
+    "iskander.__main__": ("iskander.cli", "iskander.scoring"),  # `python -m iskander [score]` dispatch
 }
 PROTOCOLS = ("grpc", "grpc_health", "pyarrow.flight", "iskander.frontends", "iskander._proto")
 RUNTIMES = ("onnxruntime", "onnx")
-# What the contract and the backends may import from iskander (everything else is above them).
-CONTRACT_MAY_IMPORT = ("iskander.arrow.types", "iskander.arrow.tensor", "iskander.errors", "iskander.contract.manifest",
-                       "iskander.text", "iskander.backends.base")
-BACKENDS_MAY_IMPORT = ("iskander.backends", "iskander.arrow.types", "iskander.arrow.tensor", "iskander.errors",
-                       "iskander.config.settings", "iskander.text")
+# The frontends translate and map errors: models reach them through the dataplane and control plane.
+FRONTENDS_NEVER = ("iskander.backends", "iskander.contract", "iskander.core.registry", "iskander.core.batcher")
 
 
 def module_name(path: Path) -> str:
@@ -74,9 +89,47 @@ def _violations(modules: set[str], banned: tuple[str, ...]) -> list[str]:
     return [f"{m} imports {i}" for m in sorted(modules) for i in sorted(MODULES[m]) if _under(i, banned)]
 
 
-def test_the_module_lists_name_existing_modules():
-    assert CORE <= set(MODULES), sorted(CORE - set(MODULES))
-    assert "iskander.backends.base" in MODULES and "iskander.backends.onnx" in MODULES
+def layer_of(module: str) -> int | None:
+    """Index in LAYERS of the longest matching prefix; None for modules standing apart."""
+    if any(_under(module, (p,)) for p in APART):
+        return None
+    best, length = None, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if _under(module, (prefix,)) and len(prefix) > length:
+                best, length = index, len(prefix)
+    return best
+
+
+def _in_layers(max_layer: int) -> set[str]:
+    return {m for m in MODULES if (layer := layer_of(m)) is not None and layer <= max_layer}
+
+
+def test_every_module_has_a_place():
+    assert [m for m in MODULES if layer_of(m) is None and not _under(m, tuple(APART))] == []
+    assert "iskander.core.dataplane" in MODULES and "iskander.core.control" in MODULES
+
+
+def test_each_layer_imports_only_its_own_layer_or_below():
+    bad = []
+    for module, imports in sorted(MODULES.items()):
+        mine = layer_of(module)
+        if mine is None:
+            continue
+        for name in sorted(imports):
+            if not _under(name, ("iskander",)) or name == "iskander":
+                continue
+            theirs = layer_of(name)
+            if theirs is None or theirs > mine:
+                bad.append(f"{module} ({LAYERS[mine][0]}) imports {name} "
+                           f"({LAYERS[theirs][0] if theirs is not None else 'client/scoring/demo'})")
+    assert bad == []
+
+
+def test_client_and_scoring_import_no_server_code():
+    bad = [f"{m} imports {i}" for prefix, allowed in APART.items() for m in MODULES if _under(m, (prefix,))
+           for i in MODULES[m] if _under(i, ("iskander",)) and i != "iskander" and not _under(i, allowed)]
+    assert bad == []
 
 
 def test_only_the_onnx_backend_imports_onnx_runtime():
@@ -91,9 +144,9 @@ def test_only_the_sklearn_model_imports_joblib_or_sklearn():
     assert _violations(set(MODULES) - allowed, ("joblib", "sklearn", "pandas")) == []
 
 
-def test_core_layers_import_no_protocol():
-    backends = {m for m in MODULES if _under(m, ("iskander.backends",))}
-    assert _violations(CORE | backends, PROTOCOLS) == []
+def test_layers_below_the_frontends_import_no_protocol():
+    core = LAYERS.index(next(layer for layer in LAYERS if layer[0] == "core"))
+    assert _violations(_in_layers(core), PROTOCOLS) == []
 
 
 def test_above_the_backends_only_the_interface_is_visible():
@@ -103,19 +156,14 @@ def test_above_the_backends_only_the_interface_is_visible():
     assert _violations(outside, implementations) == []
 
 
-def test_contract_imports_only_what_lies_below_it():
-    bad = [i for i in MODULES["iskander.contract.compile"] if _under(i, ("iskander",)) and not _under(i, CONTRACT_MAY_IMPORT)]
-    assert bad == []
-
-
-def test_backends_import_nothing_above_them():
-    bad = [f"{m} imports {i}" for m in MODULES if _under(m, ("iskander.backends",))
-           for i in MODULES[m] if _under(i, ("iskander",)) and not _under(i, BACKENDS_MAY_IMPORT)]
-    assert bad == []
+def test_frontends_reach_models_only_through_the_dataplane_and_control_plane():
+    frontends = {m for m in MODULES if _under(m, ("iskander.frontends",))}
+    assert _violations(frontends, FRONTENDS_NEVER) == []
 
 
 @pytest.mark.parametrize(("source", "module", "expected"), [
     ("import onnxruntime as ort", "iskander.contract.compile", "onnxruntime"),
+    ("from . import model", "iskander.core", "iskander.core.model"),
     ("def f():\n    from onnx import helper", "iskander.core.dataplane", "onnx.helper"),
     ("from ..frontends import flight", "iskander.core.registry", "iskander.frontends.flight"),
     ("from ..frontends.oip import x", "iskander.backends.onnx", "iskander.frontends.oip"),
@@ -124,4 +172,4 @@ def test_backends_import_nothing_above_them():
 ])
 def test_the_checker_sees_imports(source, module, expected):
     """The rules above are only as good as this resolution of relative and nested imports."""
-    assert expected in imports_of(source, module, is_package=module == "iskander.backends")
+    assert expected in imports_of(source, module, is_package=module in ("iskander.backends", "iskander.core"))
