@@ -25,7 +25,7 @@ from iskander._proto import grpc_service_pb2 as pb  # noqa: E402
 from iskander.core.dataplane import InferenceCore  # noqa: E402
 from iskander.frontends.oip import OipServicer  # noqa: E402
 from iskander.core.registry import ModelRegistry  # noqa: E402
-from iskander.config.settings import load_config  # noqa: E402
+from iskander.config.loader import load_config  # noqa: E402
 
 
 class _Context:

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "iskander"
 # Layers below the frontends: protocol-agnostic, so neither gRPC nor Flight nor any frontend.
 CORE = {
     "iskander.core.dataplane", "iskander.core.registry", "iskander.contract.compile", "iskander.core.batcher", "iskander.observability.stats",
-    "iskander.observability.observer", "iskander.config.settings", "iskander.contract.manifest", "iskander.errors", "iskander.text",
+    "iskander.observability.observer", "iskander.config.settings", "iskander.config.loader", "iskander.config.fields",
+    "iskander.contract.manifest", "iskander.errors", "iskander.text",
     "iskander.core.control", "iskander.arrow.types", "iskander.arrow.tensor", "iskander.arrow.checks",
 }
 PROTOCOLS = ("grpc", "grpc_health", "pyarrow.flight", "iskander.frontends", "iskander._proto")
@@ -27,6 +28,8 @@ CONTRACT_MAY_IMPORT = ("iskander.arrow.types", "iskander.arrow.tensor", "iskande
                        "iskander.text", "iskander.backends.base")
 BACKENDS_MAY_IMPORT = ("iskander.backends", "iskander.arrow.types", "iskander.arrow.tensor", "iskander.errors",
                        "iskander.config.settings", "iskander.text")
+# Config is read by every layer, so it sits below them all.
+CONFIG_MAY_IMPORT = ("iskander.config", "iskander.errors", "iskander.text")
 
 
 def module_name(path: Path) -> str:
@@ -111,6 +114,12 @@ def test_contract_imports_only_what_lies_below_it():
 def test_backends_import_nothing_above_them():
     bad = [f"{m} imports {i}" for m in MODULES if _under(m, ("iskander.backends",))
            for i in MODULES[m] if _under(i, ("iskander",)) and not _under(i, BACKENDS_MAY_IMPORT)]
+    assert bad == []
+
+
+def test_config_imports_only_errors_and_text():
+    bad = [f"{m} imports {i}" for m in MODULES if _under(m, ("iskander.config",))
+           for i in MODULES[m] if _under(i, ("iskander",)) and not _under(i, CONFIG_MAY_IMPORT)]
     assert bad == []
 
 
