@@ -28,7 +28,7 @@ from iskander._proto import grpc_service_pb2 as pb
 from iskander.arrow.tensor import compile_reader, read_filled
 from iskander.frontends.oip_codec import TensorDecoder, encode_column
 from iskander.core.registry import load_model
-from iskander.config.settings import default_config_path, load_config
+from iskander.config.loader import default_config_path, load_config
 
 
 def median_us(fn: Callable[[], object], repeat: int) -> float:

@@ -22,7 +22,7 @@ from minimal_oip import MinimalOip  # noqa: E402
 from workloads import MODELS  # noqa: E402
 
 from iskander._proto import grpc_service_pb2 as pb  # noqa: E402
-from iskander.config.settings import load_config  # noqa: E402
+from iskander.config.loader import load_config  # noqa: E402
 from iskander.core.control import ControlPlane  # noqa: E402
 from iskander.core.dataplane import Dataplane, Inflight  # noqa: E402
 from iskander.core.registry import ModelRegistry  # noqa: E402

@@ -28,7 +28,7 @@ import pyarrow.flight as flight
 import tritonclient.grpc as triton
 
 from iskander.launch import spawn_server
-from iskander.config.settings import default_config_path
+from iskander.config.loader import default_config_path
 
 MODEL = "two_tower"
 

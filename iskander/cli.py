@@ -14,7 +14,8 @@ import click
 
 from iskander.errors import ConfigError
 from iskander.observability.logs import setup_logging
-from iskander.config.settings import DEFAULT_METRICS_PORT, LOG_FORMATS, Settings, default_config_path, load_config
+from iskander.config.loader import default_config_path, load_config
+from iskander.config.settings import DEFAULT_METRICS_PORT, LOG_FORMATS, Settings
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,21 @@ from pathlib import Path
 import pytest
 
 from iskander.errors import ConfigError
-from iskander.config.settings import default_config_path, load_config
+import attrs
+
+from iskander.config.fields import keys_of
+from iskander.config.loader import default_config_path, load_config
+from iskander.config.settings import (
+    BACKEND_NAMES,
+    BACKEND_OPTIONS,
+    DynamicBatching,
+    ModelSettings,
+    ObservabilitySettings,
+    OnnxOptions,
+    PythonOptions,
+    ServerSettings,
+    WorkerOptions,
+)
 
 RUST_README_CONFIG = """\
 [[models]]
@@ -40,9 +55,8 @@ def test_rust_readme_config_loads_and_serves(tmp_path, models_dir):
     (m,) = settings.models
     assert m.name == "movielens-two-tower"
     assert m.path == model.resolve()  # relative to the config file's folder
-    assert m.intra_threads == 4 and m.inter_threads == 1
-    assert m.optimization_level == "all" and m.parallel_execution is False and m.memory_pattern is True
-    assert m.execution_providers == ("cpu",)
+    assert m.options == OnnxOptions(intra_threads=4, inter_threads=1, optimization_level="all",
+                                    parallel_execution=False, memory_pattern=True, execution_providers=("cpu",))
     assert m.manifest_path == model.with_name("two_tower.manifest.toml")
 
     from iskander.core.registry import ModelRegistry, ModelState
@@ -58,7 +72,7 @@ def test_rust_readme_config_loads_and_serves(tmp_path, models_dir):
 ])
 def test_optimization_level_aliases(tmp_path, level, expected):
     cfg = write(tmp_path, f'[[models]]\nname = "m"\npath = "m.onnx"\noptimization_level = "{level}"\n')
-    assert load_config(cfg).models[0].optimization_level == expected
+    assert load_config(cfg).models[0].options.optimization_level == expected
 
 
 def test_defaults_and_server_table(tmp_path):
@@ -68,7 +82,7 @@ def test_defaults_and_server_table(tmp_path):
     assert s.server.flight_port == 6000 and s.server.grpc_port == 8001 and s.server.host == "127.0.0.1"
     m = s.models[0]
     assert m.version == 3 and m.manifest_path == (tmp_path / "other.toml").resolve()
-    assert m.intra_threads == 1 and m.instances == 1
+    assert m.options.intra_threads == 1 and m.options.instances == 1
 
 
 @pytest.mark.parametrize("body,expected", [
@@ -102,7 +116,17 @@ def test_defaults_and_server_table(tmp_path):
     ('[server]\nrequest_timeout_s = -1\n[[models]]\nname = "m"\npath = "m.onnx"\n',
      "key 'server.request_timeout_s': must be >= 0, got -1"),
     ('[server]\nauth_tokens = "secret"\n[[models]]\nname = "m"\npath = "m.onnx"\n',
-     "key 'auth_tokens': expected a list, got str 'secret'"),
+     "key 'server.auth_tokens': expected a list, got str 'secret'"),
+    ('[observability]\notlp_insecure = 1\n[[models]]\nname = "m"\npath = "m.onnx"\n',
+     "key 'observability.otlp_insecure': expected a boolean, got int 1"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\ndynamic_batching = { max_queue_delay_us = true }\n',
+     "model 'm', key 'dynamic_batching.max_queue_delay_us': expected an integer, got boolean True"),
+    ('[[models]]\nname = "m"\npath = "m.onnx"\ndynamic_batching = 5\n',
+     "model 'm', key 'dynamic_batching': must be a table, e.g. dynamic_batching = { max_batch_rows = 1024 }"),
+    ('[[models]]\nname = "m"\npath = "m.py"\nbackend = "python"\nworker_timeout_s = 0\n',
+     "model 'm', key 'worker_timeout_s': must be > 0, got 0"),
+    ('[server]\nmax_concurrent_rpcs = 8\nmax_concurrent_streams = 8\n[[models]]\nname = "m"\npath = "m.onnx"\n',
+     "key 'server.max_concurrent_streams': must be >= 1 and below max_concurrent_rpcs (8)"),
     ('[server]\nauth_tokens = [""]\n[[models]]\nname = "m"\npath = "m.onnx"\n',
      "key 'server.auth_tokens': must be a list of non-empty strings"),
     ('[server]\ntls_cert = "c.pem"\n[[models]]\nname = "m"\npath = "m.onnx"\n',
@@ -208,3 +232,79 @@ def test_committed_demo_models_are_what_the_builder_makes(tmp_path):
     demo = default_config_path().parent
     for name in ("two_tower.onnx", "tabular.onnx", "two_tower.manifest.toml", "tabular.manifest.toml", "config.toml"):
         assert (tmp_path / name).read_bytes() == (demo / name).read_bytes(), name
+
+
+# --- each key is declared once, as a field, and documented --------------------------------------
+
+def _known_keys(tmp_path: Path, body: str) -> list[str]:
+    with pytest.raises(ConfigError, match="unknown key") as info:
+        load_config(write(tmp_path, body))
+    return re.search(r"known keys: ([^)]*)\)", str(info.value)).group(1).split(", ")
+
+
+MODEL = '[[models]]\nname = "m"\npath = "m.onnx"\n'
+
+
+@pytest.mark.parametrize("body,classes", [
+    ('[server]\nbogus = 1\n' + MODEL, [ServerSettings]),
+    ('[observability]\nbogus = 1\n' + MODEL, [ObservabilitySettings]),
+    (MODEL + 'dynamic_batching = { bogus = 1 }\n', [DynamicBatching]),
+    (MODEL + 'bogus = 1\n', [ModelSettings, OnnxOptions, WorkerOptions, PythonOptions]),
+])
+def test_the_loader_knows_exactly_the_settings_fields(tmp_path, body, classes):
+    """The keys a table accepts are its classes' attrs fields: there is no second list to keep in step."""
+    fields = {f.name for cls in classes for f in attrs.fields(cls)} - {"options"}  # options: the backend's keys
+    assert _known_keys(tmp_path, body) == sorted(fields)
+    assert set().union(*map(keys_of, classes)) == fields
+
+
+def test_backend_options_declare_each_key_once():
+    model = keys_of(ModelSettings)
+    for cls in BACKEND_OPTIONS.values():
+        assert not model & keys_of(cls), cls
+    assert all(f.inherited for f in attrs.fields(PythonOptions) if f.name in keys_of(WorkerOptions))
+    assert not keys_of(OnnxOptions) & keys_of(PythonOptions)
+    assert BACKEND_NAMES == ("onnx", "python", "sklearn")
+
+
+def _section(text: str, title: str) -> str:
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize("title,classes", [
+    ("`[server]`", [ServerSettings]),
+    ("`[observability]`", [ObservabilitySettings]),
+    ("`[[models]]`", [ModelSettings, OnnxOptions, PythonOptions, DynamicBatching]),
+])
+def test_every_key_is_documented(title, classes):
+    section = _section((Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text(), title)
+    missing = [key for cls in classes for key in sorted(keys_of(cls)) if f"`{key}`" not in section]
+    assert missing == []
+
+
+def test_each_backend_gets_its_own_options_type(tmp_path):
+    cfg = write(tmp_path, MODEL + 'instances = 2\n'
+                '[[models]]\nname = "p"\npath = "p.py"\nbackend = "python"\nworkers = 3\nparameters = { a = 1 }\n'
+                '[[models]]\nname = "s"\npath = "s.joblib"\nbackend = "sklearn"\nworker_timeout_s = 5\n')
+    onnx, python, sklearn = load_config(cfg).models
+    assert onnx.options == OnnxOptions(instances=2)
+    assert python.options == PythonOptions(workers=3, parameters={"a": 1})
+    assert type(sklearn.options) is WorkerOptions and sklearn.options.worker_timeout_s == 5.0
+    # built in code, a model gets its backend's defaults; options of another backend are refused
+    assert ModelSettings(name="m", path=Path("m.py"), backend="python").options == PythonOptions()
+    with pytest.raises(ConfigError, match="backend 'onnx' takes OnnxOptions, got WorkerOptions"):
+        ModelSettings(name="m", path=Path("m.onnx"), options=WorkerOptions())
+
+
+def test_backends_refuse_options_of_another_backend(tmp_path):
+    from iskander.backends.onnx import OnnxBackend
+    from iskander.backends.python_worker import PythonBackend
+    from iskander.errors import ModelLoadError
+
+    with attrs.validators.disabled():  # only code that bypasses ModelSettings' own check gets this far
+        onnx = ModelSettings(name="m", path=tmp_path / "m.onnx", options=WorkerOptions())
+        python = ModelSettings(name="m", path=tmp_path / "m.py", backend="python", options=OnnxOptions())
+    with pytest.raises(ModelLoadError, match="needs OnnxOptions, got WorkerOptions"):
+        OnnxBackend(onnx)
+    with pytest.raises(ModelLoadError, match="needs WorkerOptions, got OnnxOptions"):
+        PythonBackend(python, (), ())

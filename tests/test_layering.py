@@ -42,6 +42,8 @@ PROTOCOLS = ("grpc", "grpc_health", "pyarrow.flight", "iskander.frontends", "isk
 RUNTIMES = ("onnxruntime", "onnx")
 # The frontends translate and map errors: models reach them through the dataplane and control plane.
 FRONTENDS_NEVER = ("iskander.backends", "iskander.contract", "iskander.core.registry", "iskander.core.batcher")
+# Config is read by every layer, so it sits below them all.
+CONFIG_MAY_IMPORT = ("iskander.config", "iskander.errors", "iskander.text")
 
 
 def module_name(path: Path) -> str:
@@ -159,6 +161,12 @@ def test_above_the_backends_only_the_interface_is_visible():
 def test_frontends_reach_models_only_through_the_dataplane_and_control_plane():
     frontends = {m for m in MODULES if _under(m, ("iskander.frontends",))}
     assert _violations(frontends, FRONTENDS_NEVER) == []
+
+
+def test_config_imports_only_errors_and_text():
+    bad = [f"{m} imports {i}" for m in MODULES if _under(m, ("iskander.config",))
+           for i in MODULES[m] if _under(i, ("iskander",)) and not _under(i, CONFIG_MAY_IMPORT)]
+    assert bad == []
 
 
 @pytest.mark.parametrize(("source", "module", "expected"), [

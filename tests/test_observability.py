@@ -355,7 +355,7 @@ def test_observability_is_off_unless_configured(models_dir, tmp_path):
 ])
 def test_bad_observability_config_is_refused_with_the_key(tmp_path, models_dir, body, expected):
     from iskander.errors import ConfigError
-    from iskander.config.settings import load_config
+    from iskander.config.loader import load_config
 
     path = tmp_path / "c.toml"
     path.write_text(f'{body}\n\n[[models]]\nname = "m"\npath = "{models_dir}/tabular.onnx"\n')

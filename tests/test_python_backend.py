@@ -24,7 +24,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from iskander.errors import ConfigError
-from iskander.config.settings import parse_config
+from iskander.config.loader import parse_config
 
 from helpers import exchange, serving
 

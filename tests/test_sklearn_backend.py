@@ -118,7 +118,7 @@ def customers(n: int, seed: int) -> tuple[pa.RecordBatch, np.ndarray]:
 
 def test_the_example_config_loads_and_serves(folder):
     from iskander.core.registry import ModelRegistry, ModelState
-    from iskander.config.settings import load_config
+    from iskander.config.loader import load_config
 
     config = folder / "churn-sklearn.toml"  # beside the built churn-sklearn/, as in configs/
     shutil.copy(EXAMPLE.parent / "churn-sklearn.toml", config)

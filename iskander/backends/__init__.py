@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING
 
 from iskander.errors import ModelLoadError
 from iskander.backends.base import Backend, TensorSpec
+from iskander.config.settings import BACKEND_NAMES  # the values of a model's ``backend`` key, owned by config
 
 if TYPE_CHECKING:
     from iskander.config.settings import ModelSettings
 
 __all__ = ["BACKEND_NAMES", "Backend", "TensorSpec", "backend_type", "create_backend", "signature_from_manifest"]
-
-BACKEND_NAMES = ("onnx", "python", "sklearn")  # the values of a model's ``backend`` key
 
 
 def backend_type(name: str) -> type[Backend]:

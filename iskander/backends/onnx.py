@@ -17,7 +17,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from iskander.arrow.types import BFLOAT16
 from iskander.errors import InternalError, InvalidInput, ModelLoadError
-from iskander.config.settings import EXECUTION_PROVIDERS, ModelSettings
+from iskander.config.settings import EXECUTION_PROVIDERS, ModelSettings, OnnxOptions
 from iskander.backends.base import TensorSpec
 
 _GRAPH_LEVELS = {
@@ -49,15 +49,15 @@ ONNX_TO_ARROW: dict[str, pa.DataType] = {
 }
 
 
-def session_options(settings: ModelSettings) -> ort.SessionOptions:
+def session_options(options: OnnxOptions) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = settings.intra_threads
-    opts.inter_op_num_threads = settings.inter_threads
-    opts.graph_optimization_level = _GRAPH_LEVELS[settings.optimization_level]
+    opts.intra_op_num_threads = options.intra_threads
+    opts.inter_op_num_threads = options.inter_threads
+    opts.graph_optimization_level = _GRAPH_LEVELS[options.optimization_level]
     opts.execution_mode = (
-        ort.ExecutionMode.ORT_PARALLEL if settings.parallel_execution else ort.ExecutionMode.ORT_SEQUENTIAL
+        ort.ExecutionMode.ORT_PARALLEL if options.parallel_execution else ort.ExecutionMode.ORT_SEQUENTIAL
     )
-    opts.enable_mem_pattern = settings.memory_pattern
+    opts.enable_mem_pattern = options.memory_pattern
     opts.log_severity_level = 3  # errors only; ORT's warnings go to stderr otherwise
     return opts
 
@@ -77,11 +77,14 @@ class OnnxBackend:
     backend_name = "onnxruntime"
 
     def __init__(self, settings: ModelSettings) -> None:
+        options = settings.options
+        if not isinstance(options, OnnxOptions):
+            raise ModelLoadError(f"backend 'onnx' needs OnnxOptions, got {type(options).__name__}")
         self.settings = settings
-        self.instance_count = settings.instances
-        self.instance_kind = "gpu" if settings.execution_providers[0] in ("cuda", "tensorrt") else "cpu"
+        self.instance_count = options.instances
+        self.instance_kind = "gpu" if options.execution_providers[0] in ("cuda", "tensorrt") else "cpu"
         available = ort.get_available_providers()
-        providers = [EXECUTION_PROVIDERS[p] for p in settings.execution_providers]
+        providers = [EXECUTION_PROVIDERS[p] for p in options.execution_providers]
         missing = [p for p in providers if p not in available]
         if missing:
             raise ModelLoadError(
@@ -90,11 +93,11 @@ class OnnxBackend:
             )
         if not settings.path.is_file():
             raise ModelLoadError(f"model file {settings.path.name} not found")
-        opts = session_options(settings)
+        opts = session_options(options)
         try:
             self._sessions = [
                 ort.InferenceSession(str(settings.path), sess_options=opts, providers=providers)
-                for _ in range(settings.instances)
+                for _ in range(options.instances)
             ]
         except Exception as exc:  # ORT raises several pybind types for unreadable/invalid models
             # Clients see this reason; keep the server's directory layout out of it.

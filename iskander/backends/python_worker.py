@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from iskander.arrow.types import nest_type, type_name
 from iskander.errors import DeadlineExceeded, InternalError, ModelLoadError, ModelNotReady
-from iskander.config.settings import ModelSettings
+from iskander.config.settings import ModelSettings, PythonOptions, WorkerOptions
 from iskander.backends.base import TensorSpec
 from iskander.backends.worker_wire import BATCH, INIT, LOAD_FAILED, RAISED, READY, batch_to_ipc, ipc_to_batch, recv_frame, send_frame
 
@@ -60,7 +60,7 @@ class _Worker:
             child.close()
         init = {
             "path": str(settings.path), "name": settings.name, "version": settings.version,
-            "parameters": settings.parameters, "worker": index, **extra_init,
+            "worker": index, **extra_init,
         }
         send_frame(self.sock, INIT, json.dumps(init, default=str).encode())  # TOML dates arrive as ISO text
 
@@ -107,12 +107,16 @@ class PythonBackend:
     model_module: str | None = None  # a built-in module defining Model, instead of the operator's file
 
     def __init__(self, settings: ModelSettings, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
+        options = settings.options
+        if not isinstance(options, WorkerOptions):
+            raise ModelLoadError(f"backend '{settings.backend}' needs WorkerOptions, got {type(options).__name__}")
         if not settings.path.is_file():
             raise ModelLoadError(f"model file {settings.path.name} not found")
         self.settings = settings
+        self.options = options
         self.inputs = inputs
         self.outputs = outputs
-        self.instance_count = settings.workers
+        self.instance_count = options.workers
         self._in_types = {t.name: nest_type(t.element, t.shape[1:]) for t in inputs}  # type: ignore[arg-type]
         self._out_specs = {t.name: t for t in outputs}
         self._idle: queue.Queue[_Worker] = queue.Queue()
@@ -123,10 +127,11 @@ class PythonBackend:
         # What the worker's load(context) may check the model against (context.inputs / .outputs).
         self._extra_init = {
             "module": self.model_module,
+            "parameters": options.parameters if isinstance(options, PythonOptions) else {},  # sklearn: none
             "inputs": [{"name": t.name, "width": _width(t.shape[1:])} for t in inputs],
             "outputs": [{"name": t.name, "element": str(t.element), "shape": list(t.shape[1:])} for t in outputs],
         }
-        started = [_Worker(settings, i, self._extra_init) for i in range(settings.workers)]  # load in parallel
+        started = [_Worker(settings, i, self._extra_init) for i in range(options.workers)]  # load in parallel
         self._workers.update(started)
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         for worker in started:
@@ -147,7 +152,7 @@ class PythonBackend:
         )
         payload = batch_to_ipc(batch)
         worker = self._checkout(model)
-        timeout = self.settings.worker_timeout_s
+        timeout = self.options.worker_timeout_s
         try:
             send_frame(worker.sock, BATCH, payload)
             kind, reply = recv_frame(worker.sock, time.monotonic() + timeout)
@@ -216,14 +221,14 @@ class PythonBackend:
 
     def _checkout(self, model: str) -> _Worker:
         # Bounded: if no worker frees up (all hung, or restarts keep failing) the request fails.
-        deadline = time.monotonic() + self.settings.worker_timeout_s
+        deadline = time.monotonic() + self.options.worker_timeout_s
         while not self._closed:
             try:
                 return self._idle.get(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 if time.monotonic() >= deadline:
                     raise ModelNotReady(
-                        f"model '{model}': no worker became free within {self.settings.worker_timeout_s:g} s",
+                        f"model '{model}': no worker became free within {self.options.worker_timeout_s:g} s",
                         model=model,
                     ) from None
         raise ModelNotReady(f"model '{model}' was unloaded", model=model)
