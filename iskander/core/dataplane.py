@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from iskander.arrow.types import element_type, numpy_dtype
-from iskander.contract.compile import OutputBinding, Prepared
+from iskander.contract import OutputBinding, Prepared
 from iskander.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
 from iskander.observability.observer import Call, Observer, Timings
 from iskander.core.registry import ModelRegistry, ModelVersion

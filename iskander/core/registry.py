@@ -16,7 +16,7 @@ import attrs
 
 from iskander.arrow.types import type_name
 from iskander.backends import Backend, create_backend, signature_from_manifest
-from iskander.contract.compile import Contract, compile_contract
+from iskander.contract import Contract, compile_contract
 from iskander.errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
 from iskander.contract.manifest import declared_signature, load_manifest
 from iskander.core.batcher import Batcher
