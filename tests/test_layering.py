@@ -85,6 +85,7 @@ def _modules() -> dict[str, set[str]]:
 
 
 MODULES = _modules()
+CONTRACT = {m for m in MODULES if _under(m, ("iskander.contract",))}
 
 
 def _violations(modules: set[str], banned: tuple[str, ...]) -> list[str]:

@@ -22,7 +22,8 @@ import iskander.demo
 from data import fsl
 from helpers import serving
 from iskander.client import IskanderClient
-from iskander.scoring.score import ProgressBar, ScoreOptions, score
+from iskander.scoring.progress import ProgressBar
+from iskander.scoring.score import ScoreOptions, score
 from models import reference
 
 MOVIELENS = Path(iskander.demo.__file__).parent / "movielens_two_tower.onnx"

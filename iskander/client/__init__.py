@@ -1,10 +1,14 @@
-"""The Python client for Iskander's Flight frontend (docs/client.md): ``from iskander.client import IskanderClient``."""
+"""The Python client for Iskander's Flight frontend (docs/client.md): ``from iskander.client import IskanderClient``.
 
-from .flight_client import (
-    Cancelled, DeadlineExceeded, Exchange, InternalError, InvalidArgument, IskanderClient, IskanderClientError,
-    ModelInfo, NotFound, ResourceExhausted, Unauthenticated, Unavailable, Unimplemented, attach_outputs, conform,
-    connect, translate,
+``flight_client`` holds the client, ``errors`` its exceptions, ``convert`` the data conversions.
+"""
+
+from iskander.client.convert import attach_outputs, conform
+from iskander.client.errors import (
+    Cancelled, DeadlineExceeded, InternalError, InvalidArgument, IskanderClientError, NotFound, ResourceExhausted,
+    Unauthenticated, Unavailable, Unimplemented, translate,
 )
+from iskander.client.flight_client import Exchange, IskanderClient, ModelInfo, connect
 
 __all__ = [
     "IskanderClient", "ModelInfo", "Exchange", "connect", "attach_outputs", "conform", "translate",

@@ -9,6 +9,7 @@ Data goes in as Arrow (a Table, RecordBatch, RecordBatchReader or iterable of ba
 or polars DataFrame, converted through Arrow. Server errors become ``IskanderClientError``
 subclasses carrying the server's code, message and details (model, column, row, ...).
 
+The exceptions live in ``errors``, the conversions in ``convert``; ``iskander.client`` exports both.
 This module imports only pyarrow: pandas and polars are touched only when the data is one of theirs.
 """
 
@@ -16,9 +17,8 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,127 +27,10 @@ import attrs
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from iskander.client.flight_status import error_details
+from iskander.client.convert import Data, as_batches, attach_outputs, conform
+from iskander.client.errors import FINISHED, InternalError, IskanderClientError, translate
 
-__all__ = [
-    "IskanderClient", "ModelInfo", "Exchange", "connect", "attach_outputs", "conform",
-    "IskanderClientError", "InvalidArgument", "NotFound", "Unavailable", "ResourceExhausted",
-    "Unauthenticated", "DeadlineExceeded", "Unimplemented", "InternalError", "Cancelled",
-]
-
-
-# --- errors ---------------------------------------------------------------------------------------
-
-
-class IskanderClientError(Exception):
-    """An Iskander call failed. ``code`` is the server's code (``INVALID_ARGUMENT``, ``NOT_FOUND``, ...),
-    ``message`` its message without gRPC decoration, ``details`` the rest of its JSON ``extra_info``."""
-
-    code = "UNKNOWN"
-
-    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details: dict[str, Any] = dict(details or {})
-
-    @property
-    def model(self) -> str | None:
-        return self.details.get("model")
-
-    @property
-    def column(self) -> str | None:
-        return self.details.get("column")
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"
-
-
-class InvalidArgument(IskanderClientError):
-    code = "INVALID_ARGUMENT"
-
-
-class NotFound(IskanderClientError):
-    code = "NOT_FOUND"
-
-
-class Unavailable(IskanderClientError):
-    code = "UNAVAILABLE"
-
-
-class ResourceExhausted(IskanderClientError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class Unauthenticated(IskanderClientError):
-    code = "UNAUTHENTICATED"
-
-
-class DeadlineExceeded(IskanderClientError):
-    code = "DEADLINE_EXCEEDED"
-
-
-class Unimplemented(IskanderClientError):
-    code = "UNIMPLEMENTED"
-
-
-class InternalError(IskanderClientError):
-    code = "INTERNAL"
-
-
-class Cancelled(IskanderClientError):
-    code = "CANCELLED"
-
-
-_BY_CODE: dict[str, type[IskanderClientError]] = {
-    cls.code: cls
-    for cls in (InvalidArgument, NotFound, Unavailable, ResourceExhausted, Unauthenticated, DeadlineExceeded,
-                Unimplemented, InternalError, Cancelled)
-}
-# Errors that never reached Iskander's handlers (transport, auth middleware) carry no code: use the class.
-_BY_FLIGHT_CLASS: list[tuple[type[flight.FlightError], type[IskanderClientError]]] = [
-    (flight.FlightUnauthenticatedError, Unauthenticated),
-    (flight.FlightUnauthorizedError, Unauthenticated),
-    (flight.FlightUnavailableError, Unavailable),
-    (flight.FlightTimedOutError, DeadlineExceeded),
-    (flight.FlightCancelledError, Cancelled),
-    (flight.FlightInternalError, InternalError),
-]
-# pyarrow appends this to every status it gets from finishing a call: the text of a server's answer
-_FINISHED = ". gRPC client debug context:"
-_PREFIX = re.compile(r"^\[(?P<code>[A-Z_]+)\] (?P<message>.*)$", re.S)
-# Errors raised by their Arrow status (INVALID_ARGUMENT, NOT_FOUND, UNIMPLEMENTED on the wire)
-# carry no extra_info: their JSON details ride in the status detail, after ". Detail: ".
-_BY_ARROW_CLASS: list[tuple[type[Exception], type[IskanderClientError]]] = [
-    (pa.ArrowKeyError, NotFound),
-    (pa.ArrowNotImplementedError, Unimplemented),
-    (pa.ArrowInvalid, InvalidArgument),
-    (pa.ArrowTypeError, InvalidArgument),
-]
-
-
-def _clean(text: str) -> str:
-    """pyarrow appends '. Detail: ...' and gRPC debug context to the server's message."""
-    text = text.split(". Detail:")[0].split(". gRPC client debug context:")[0].strip()
-    return text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text  # KeyError quotes
-
-
-def translate(exc: BaseException) -> IskanderClientError:
-    """The client exception for a pyarrow Flight (or Arrow) error: the JSON details from
-    ``extra_info`` or from the last line of an Arrow-status error's detail (flight_status)."""
-    details = dict(error_details(exc))
-    text = _clean(str(exc))
-    code = details.pop("code", None)
-    message = details.pop("message", None)
-    match = _PREFIX.match(text)
-    if match:
-        code = code or match.group("code")
-        message = message or match.group("message")
-    cls = _BY_CODE.get(code or "")
-    if cls is None:
-        cls = next((c for f, c in _BY_FLIGHT_CLASS if isinstance(exc, f)), None)
-    if cls is None:  # e.g. ArrowInvalid raised locally while writing a batch
-        cls = next((c for a, c in _BY_ARROW_CLASS if isinstance(exc, a)), IskanderClientError)
-    return cls(message or text, details)
+__all__ = ["IskanderClient", "ModelInfo", "Exchange", "connect"]
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -179,108 +62,6 @@ class ModelInfo:
             input_schema=info.schema, output_schema=output_schema, passthrough=list(meta.get("passthrough", [])),
             metadata=meta,
         )
-
-
-# --- data in and out ------------------------------------------------------------------------------
-
-Data = Any  # pa.Table | pa.RecordBatch | pa.RecordBatchReader | Iterable[pa.RecordBatch] | pandas/polars DataFrame
-
-
-def _module(obj: object) -> str:
-    return type(obj).__module__.split(".")[0]
-
-
-def as_batches(data: Data) -> Iterator[pa.RecordBatch]:
-    """Record batches from any supported input, without importing pandas or polars."""
-    if isinstance(data, pa.RecordBatch):
-        yield data
-    elif isinstance(data, pa.Table):
-        yield from data.to_batches()
-    elif isinstance(data, pa.RecordBatchReader):
-        yield from data
-    elif _module(data) == "pandas":
-        yield from pa.Table.from_pandas(data, preserve_index=False).to_batches()
-    elif _module(data) == "polars":
-        yield from data.to_arrow().to_batches()
-    elif hasattr(data, "__arrow_c_stream__"):  # DuckDB relations and other Arrow PyCapsule producers
-        yield from pa.RecordBatchReader.from_stream(data)
-    elif isinstance(data, Iterable):
-        for item in data:
-            if not isinstance(item, pa.RecordBatch):
-                raise TypeError(f"expected pyarrow.RecordBatch items, got {type(item).__name__}")
-            yield item
-    else:
-        raise TypeError(f"cannot send {type(data).__name__}: give a pyarrow Table, RecordBatch, RecordBatchReader, "
-                        "iterable of RecordBatch, or a pandas or polars DataFrame")
-
-
-_STRINGS = (pa.types.is_large_string, pa.types.is_string_view)
-_BINARIES = (pa.types.is_large_binary, pa.types.is_binary_view)
-
-
-def _same_layout_family(have: pa.DataType, want: pa.DataType) -> bool:
-    """Whether ``have`` is another Arrow layout of the value type ``want`` (lossless to cast).
-
-    Dataframe libraries produce large_string, string_view, dictionaries (categoricals) and variable
-    lists (pandas has no fixed-size list) where a contract says utf8 or fixed_size_list. Numeric
-    conversions are not layouts: those stay the server's business (the manifest's cast_from)."""
-    if pa.types.is_dictionary(have):
-        return _same_layout_family(have.value_type, want) or have.value_type == want
-    if pa.types.is_string(want):
-        return any(p(have) for p in _STRINGS)
-    if pa.types.is_binary(want):
-        return any(p(have) for p in _BINARIES)
-    if pa.types.is_fixed_size_list(want):
-        if pa.types.is_list(have) or pa.types.is_large_list(have) or pa.types.is_list_view(have) \
-                or pa.types.is_fixed_size_list(have):
-            inner = have.value_type
-            return inner == want.value_type or _same_layout_family(inner, want.value_type)
-    return False
-
-
-def conform(batch: pa.RecordBatch, schema: pa.Schema, model: str = "") -> pa.RecordBatch:
-    """The request columns of ``batch`` in the model's order, with layout-only casts (see above).
-
-    A missing column is an InvalidArgument raised here; a column of a different value type is
-    sent as it is, so that the server's contract (and its message) decides."""
-    arrays = []
-    for field in schema:
-        index = batch.schema.get_field_index(field.name)
-        if index < 0:
-            raise InvalidArgument(
-                f"column '{field.name}' of model '{model}' is missing; the data has columns: "
-                f"{', '.join(batch.schema.names) or '(none)'}",
-                {"model": model, "column": field.name},
-            )
-        column = batch.column(index)
-        if column.type != field.type and _same_layout_family(column.type, field.type):
-            try:
-                column = column.cast(field.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # e.g. a list of the wrong length
-                raise InvalidArgument(
-                    f"column '{field.name}' of model '{model}' has type {column.type} and cannot become "
-                    f"{field.type}: {exc}",
-                    {"model": model, "column": field.name, "expected": str(field.type), "got": str(column.type)},
-                ) from None
-        arrays.append(column)
-    return pa.RecordBatch.from_arrays(arrays, names=schema.names)
-
-
-def attach_outputs(inputs: pa.RecordBatch, answer: pa.RecordBatch, outputs: list[str],
-                   names: list[str] | None = None) -> pa.RecordBatch:
-    """``inputs`` with the answer's ``outputs`` columns appended (renamed to ``names``).
-
-    DoExchange answers each batch with one batch of the same rows in the same order, so joining is
-    positional: columns the model never saw come back untouched, whatever their type."""
-    if answer.num_rows != inputs.num_rows:
-        raise InternalError(f"the answer has {answer.num_rows} rows for a batch of {inputs.num_rows}")
-    clash = [n for n in names or outputs if n in inputs.schema.names]
-    if clash:
-        raise InvalidArgument(f"output column(s) {', '.join(clash)} would duplicate input columns; rename or drop them")
-    arrays = list(inputs.columns) + [answer.column(name) for name in outputs]
-    fields = list(inputs.schema) + [answer.schema.field(name).with_name(new)
-                                    for name, new in zip(outputs, names or outputs)]
-    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
 
 
 # --- the client -----------------------------------------------------------------------------------
@@ -533,7 +314,7 @@ class IskanderClient:
                 raise (translate(exc) if isinstance(exc, pa.ArrowException) else exc) from None
             if write_error:
                 exc = write_error[0]
-                if _FINISHED in str(exc) or not isinstance(exc, flight.FlightError):
+                if FINISHED in str(exc) or not isinstance(exc, flight.FlightError):
                     # pyarrow finished the call and this is the server's status, or a local error
                     # (e.g. a batch whose schema differs from the first) on a live call, which the
                     # finally block cancels: a read could wait forever for a server awaiting data

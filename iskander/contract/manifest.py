@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import pyarrow as pa
@@ -33,10 +33,41 @@ from iskander.backends.base import TensorSpec
 from iskander.errors import ConfigError, ModelLoadError
 
 
+# An output's transform, with the keys that go with it: one class per kind, so that a transform
+# always has its keys (an output with no transform has none).
+@attrs.frozen
+class LabelTransform:
+    """transform = "label": a class index (or class scores, best wins) -> its label."""
+
+    labels: tuple[str, ...]
+    name: ClassVar[str] = "label"
+
+
+@attrs.frozen
+class SelectTransform:
+    """transform = "select": column ``index`` of an [N, k] tensor."""
+
+    index: int
+    name: ClassVar[str] = "select"
+
+
+@attrs.frozen
+class RankTransform:
+    """transform = "rank": the rank of output column ``of`` within each ``group_by`` value."""
+
+    of: str
+    group_by: str | None = None
+    descending: bool = True
+    name: ClassVar[str] = "rank"
+
+
+Transform = LabelTransform | SelectTransform | RankTransform
+
+
 @attrs.frozen
 class ColumnSpec:
     """One manifest column. Input-only keys: nulls, fill, cast_from, field_tensors. Output-only
-    keys: transform, labels, index, of, group_by, descending."""
+    keys: transform (with labels, index, of, group_by, descending inside it)."""
 
     name: str
     type: pa.DataType
@@ -46,12 +77,7 @@ class ColumnSpec:
     fill: Any = None
     cast_from: tuple[pa.DataType, ...] = ()
     field_tensors: tuple[tuple[str, str], ...] = ()  # struct field -> ONNX input
-    transform: str | None = None  # "label" | "select" | "rank"
-    labels: tuple[str, ...] = ()
-    index: int | None = None
-    of: str | None = None
-    group_by: str | None = None
-    descending: bool = True
+    transform: Transform | None = None
 
 
 @attrs.frozen
@@ -154,8 +180,12 @@ def _column(entry: Any, where: str, section: str) -> ColumnSpec:
         for key, needs in (("labels", "label"), ("index", "select"), ("of", "rank"), ("group_by", "rank")):
             if key in entry and transform != needs:
                 raise fail(key, f"only applies with transform = '{needs}'")
-        spec.update(transform=transform, labels=tuple(labels), index=index, of=of, group_by=group_by,
-                    descending=descending)
+        if transform == "label":
+            spec["transform"] = LabelTransform(tuple(labels))
+        elif transform == "select":
+            spec["transform"] = SelectTransform(index)
+        elif transform == "rank":
+            spec["transform"] = RankTransform(of, group_by, descending)
     return ColumnSpec(**spec)
 
 
@@ -222,11 +252,11 @@ def declared_signature(manifest: Manifest, kind: str) -> tuple[tuple[TensorSpec,
             inputs.append(TensorSpec(tensor, element_type(types[0]), (None, *row_shape(types[0])), type_name(types[0])))
     outputs: dict[str, TensorSpec] = {}
     for spec in manifest.outputs:
-        if spec.transform == "rank":
+        if isinstance(spec.transform, RankTransform):
             continue  # computed by the server from another output
         if spec.transform is not None:
             raise ModelLoadError(
-                f"manifest output '{spec.name}': transform '{spec.transform}' needs a model tensor the manifest "
+                f"manifest output '{spec.name}': transform '{spec.transform.name}' needs a model tensor the manifest "
                 f"does not describe; a {kind} model returns the column itself from predict"
             )
         _no_bfloat16(spec.type, kind)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from iskander.arrow.types import element_type, numpy_dtype
-from iskander.contract.compile import OutputBinding, Prepared
+from iskander.contract import OutputBinding, Prepared
 from iskander.core.model import ReadyModel
 from iskander.core.registry import ModelRegistry
 from iskander.errors import DeadlineExceeded, InvalidInput, ResourceExhausted, StreamLimitExceeded

@@ -15,7 +15,7 @@ import attrs
 
 from iskander.backends import Backend
 from iskander.config.settings import ModelSettings
-from iskander.contract.compile import Contract
+from iskander.contract import Contract
 from iskander.core.batcher import Batcher
 from iskander.observability.stats import ModelStats
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from iskander.arrow.types import type_name
 from iskander.backends import create_backend, signature_from_manifest
 from iskander.config.settings import ModelSettings
-from iskander.contract.compile import compile_contract
+from iskander.contract import compile_contract
 from iskander.contract.manifest import declared_signature, load_manifest
 from iskander.core.batcher import Batcher
 from iskander.core.model import Limits, ModelState, ModelVersion, NotReady, ReadyModel

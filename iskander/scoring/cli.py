@@ -10,8 +10,11 @@ from pathlib import Path
 
 import click
 
-from iskander.client.flight_client import IskanderClient, IskanderClientError
-from iskander.scoring.score import FORMATS, OUTPUT_FORMATS, ProgressBar, ScoreError, ScoreOptions, score
+from iskander.client import IskanderClient, IskanderClientError
+from iskander.scoring.options import ScoreError, ScoreOptions
+from iskander.scoring.plan import FORMATS, OUTPUT_FORMATS
+from iskander.scoring.progress import ProgressBar
+from iskander.scoring.score import score
 
 
 def _pairs(values: tuple[str, ...]) -> dict[str, str]:
