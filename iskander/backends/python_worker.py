@@ -299,7 +299,9 @@ class PythonBackend:
         if col.null_count or values.null_count:
             raise broken(f"nulls in column '{name}'")
         out = values.to_numpy(zero_copy_only=False).reshape(rows, *dims)
-        return out.copy() if copy else out
+        # a numeric column comes out as a view of ``batch``'s memory; bools and strings are converted
+        viewed = pa.types.is_primitive(values.type) and not pa.types.is_boolean(values.type)
+        return out.copy() if copy and viewed else out
 
     def _checkout(self, model: str, deadline: float | None) -> _Worker:
         # Bounded: if no worker frees up (all hung, or restarts keep failing) the request fails.
