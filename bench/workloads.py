@@ -103,6 +103,18 @@ MODELS = {
 }
 
 
+# Python models (backend = "python"), served by Iskander only: bench/python_workers.py writes the
+# model file into its run's temp dir (``onnx_file`` is not used for them). Not in MODELS, which the
+# baselines serve.
+PYTHON_MODELS = {
+    "gil_loop": Model(
+        "gil_loop", Path("gil_loop.py"),
+        inputs=(Tensor("x", "float32", 1, scalar=True),),
+        outputs=(Tensor("score", "float32", 1, scalar=True),),
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Workload:
     model_name: str
@@ -110,7 +122,7 @@ class Workload:
 
     @property
     def model(self) -> Model:
-        return MODELS[self.model_name]
+        return MODELS[self.model_name] if self.model_name in MODELS else PYTHON_MODELS[self.model_name]
 
     @property
     def key(self) -> str:

@@ -45,9 +45,14 @@ class Backend(Protocol):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
-    def run(self, output_names: Sequence[str], feeds: Mapping[str, np.ndarray], model: str) -> list[np.ndarray]:
+    def run(
+        self, output_names: Sequence[str], feeds: Mapping[str, np.ndarray], model: str, deadline: float | None = None
+    ) -> list[np.ndarray]:
         """The named outputs, in order, for ``feeds`` (one array per input, batch dimension first).
-        Raises InvalidInput for input only the model could reject, InternalError for anything else."""
+        Raises InvalidInput for input only the model could reject, InternalError for anything else.
+        ``deadline`` (time.monotonic()) is the request's, when it has one: a backend that can stop
+        waiting for its runtime raises DeadlineExceeded past it (python workers); one that cannot
+        ignores it (onnxruntime runs to the end; the core checks the deadline before the run)."""
         ...
 
     def close(self) -> None:

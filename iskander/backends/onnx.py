@@ -111,7 +111,10 @@ class OnnxBackend:
         self._bf16_inputs = frozenset(t.name for t in self.inputs if t.type_label == "tensor(bfloat16)")
         self._run_options = ort.RunOptions()
 
-    def run(self, output_names: Sequence[str], feeds: Mapping[str, np.ndarray], model: str) -> list[np.ndarray]:
+    def run(
+        self, output_names: Sequence[str], feeds: Mapping[str, np.ndarray], model: str, deadline: float | None = None
+    ) -> list[np.ndarray]:
+        # ``deadline`` is not used: a session run cannot be abandoned part way (see base.Backend.run).
         session = self._next()
         if self._bf16_inputs:
             feeds = {

@@ -1,9 +1,11 @@
-"""A Python model's worker process: ``python -m iskander.backends.python_worker_main FD``.
+"""A Python model's worker process: ``python -m iskander.backends.python_worker_main FD [NAME VERSION]``.
 
 Started by ``python_worker.PythonBackend`` (spawned, never forked: the server has threads). It
 loads the operator's model file once, then answers one request at a time on the socket FD until
-the server closes it. Tracebacks go to stderr (the server's log); the server only ever gets the
-exception's type and message.
+the server closes it. NAME and VERSION are only there for ``ps``. Batches arrive and leave through
+the shared region named in the INIT message when they fit (``worker_wire.SharedRegion``), else on
+the socket. Tracebacks go to stderr (the server's log); the server only ever gets the exception's
+type and message.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from iskander.backends.worker_wire import BATCH, INIT, LOAD_FAILED, RAISED, READY, batch_to_ipc, ipc_to_batch, recv_frame, send_frame
+from iskander.backends.worker_wire import (
+    BATCH, INIT, LENGTH, LOAD_FAILED, NOT_A_BATCH, RAISED, READY, SHM_BATCH, SharedRegion, batch_to_ipc, ipc_size,
+    ipc_to_batch, recv_frame, send_frame,
+)
 
 
 def _die_with_parent() -> None:
@@ -68,6 +73,13 @@ def _load(init: dict) -> object:
     return model
 
 
+def _as_batch(result: object) -> pa.RecordBatch | None:
+    if isinstance(result, pa.Table):
+        return result.combine_chunks().to_batches()[0] if result.num_rows else \
+            pa.RecordBatch.from_pylist([], schema=result.schema)
+    return result if isinstance(result, pa.RecordBatch) else None
+
+
 def main(fd: int) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
@@ -76,6 +88,8 @@ def main(fd: int) -> None:
     if kind != INIT:
         return
     init = json.loads(payload)
+    shm = init.get("shm")
+    region = SharedRegion(shm["fd"], shm["half"]) if shm else None
     try:
         model = _load(init)
     except BaseException as exc:  # noqa: BLE001 - any failure of the user's file is a load error
@@ -90,19 +104,31 @@ def main(fd: int) -> None:
         except (EOFError, OSError):
             return  # the server closed the socket or exited
         try:
-            result = predict(ipc_to_batch(payload))
-            del payload
-            if isinstance(result, pa.Table):
-                result = result.combine_chunks().to_batches()[0] if result.num_rows else \
-                    pa.RecordBatch.from_pylist([], schema=result.schema)
-            if not isinstance(result, pa.RecordBatch):
-                raise TypeError(f"predict returned {type(result).__name__}, expected pyarrow.RecordBatch")
-            reply = batch_to_ipc(result)
+            if kind == SHM_BATCH and region is not None:
+                # The arrays point into the region's request half: valid until the next request.
+                batch = region.read("request", LENGTH.unpack(payload)[0])
+            elif kind == BATCH:
+                batch = ipc_to_batch(payload)
+            else:
+                raise ValueError(f"unexpected message {kind} from the server")
+            result = predict(batch)
+            del batch, payload
+            answer = _as_batch(result)
+            if answer is None:
+                send_frame(sock, NOT_A_BATCH, f"{type(result).__name__}, expected a pyarrow.RecordBatch".encode())
+                continue
+            size = ipc_size(answer)
+            if region is not None and size <= region.half:
+                region.write("reply", answer, size)
+                reply_kind, reply = SHM_BATCH, LENGTH.pack(size)
+            else:
+                reply_kind, reply = BATCH, batch_to_ipc(answer)
+            del result, answer
         except Exception as exc:  # noqa: BLE001 - fails this request only
             traceback.print_exc()
             send_frame(sock, RAISED, _describe(exc).encode())
             continue
-        send_frame(sock, BATCH, reply)
+        send_frame(sock, reply_kind, reply)
 
 
 if __name__ == "__main__":

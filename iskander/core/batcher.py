@@ -76,13 +76,13 @@ class Batcher:
         whose ``deadline`` (time.monotonic()) passes while it waits is answered without running."""
         now = time.perf_counter_ns()
         if self._closed or rows >= self.settings.max_batch_rows:
-            return self._run_alone(feeds, rows, now)  # nothing to gain from waiting
+            return self._run_alone(feeds, rows, now, deadline)  # nothing to gain from waiting
         item = _Pending(feeds, rows, now, deadline=deadline)
         self._queue.put(item)
         while not item.done.wait(0.1):
             # close() raced with this put: the workers may be gone, so run it here unless one took it
             if self._closed and self._take(item):
-                return self._run_alone(feeds, rows, now)
+                return self._run_alone(feeds, rows, now, deadline)
         outcome = item.outcome
         if isinstance(outcome, BatchRun):
             return outcome
@@ -95,9 +95,11 @@ class Batcher:
             item.taken = True
             return True
 
-    def _run_alone(self, feeds: dict[str, np.ndarray], rows: int, enqueued: int) -> BatchRun:
+    def _run_alone(
+        self, feeds: dict[str, np.ndarray], rows: int, enqueued: int, deadline: float | None = None
+    ) -> BatchRun:
         start = time.perf_counter_ns()
-        results = self.backend.run(self.tensors, feeds, self.model)
+        results = self.backend.run(self.tensors, feeds, self.model, deadline)
         return BatchRun(dict(zip(self.tensors, results)), start - enqueued, time.perf_counter_ns() - start, rows, True)
 
     def queued(self) -> int:
@@ -158,12 +160,14 @@ class Batcher:
                 return
             rows = sum(g.rows for g in group)
         start = time.perf_counter_ns()
+        # a merged run may take as long as its most patient request allows (None: one has no deadline)
+        deadline = None if any(g.deadline is None for g in group) else max(g.deadline for g in group)
         try:
             if len(group) == 1:
-                results = self.backend.run(self.tensors, group[0].feeds, self.model)
+                results = self.backend.run(self.tensors, group[0].feeds, self.model, deadline)
             else:
                 merged = {name: np.concatenate([g.feeds[name] for g in group]) for name in group[0].feeds}
-                results = self.backend.run(self.tensors, merged, self.model)
+                results = self.backend.run(self.tensors, merged, self.model, deadline)
         except Exception as exc:  # noqa: BLE001 - answered per request below
             if len(group) == 1:
                 group[0].outcome = exc
@@ -172,7 +176,7 @@ class Batcher:
             log.info("batched run of %d requests for model %s failed; running them one by one", len(group), self.model)
             for item in group:
                 try:
-                    item.outcome = self._run_alone(item.feeds, item.rows, item.enqueued)
+                    item.outcome = self._run_alone(item.feeds, item.rows, item.enqueued, item.deadline)
                 except Exception as single:  # noqa: BLE001
                     item.outcome = single
                 item.done.set()

@@ -264,7 +264,7 @@ class Dataplane:
                 time.perf_counter_ns(),
             )
         tensors = model.contract.run_tensors(selected)
-        results = dict(zip(tensors, model.backend.run(tensors, prepared.feeds, model.name)))
+        results = dict(zip(tensors, model.backend.run(tensors, prepared.feeds, model.name, deadline)))
         ran_at = time.perf_counter_ns()
         return results, _Run(prepared_at, 0, ran_at - prepared_at, prepared.rows, True, ran_at)
 
