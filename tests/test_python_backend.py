@@ -708,11 +708,12 @@ class Model:
 def echo_backend(d: Path, worker_timeout_s: float = 60.0):
     from iskander.backends.base import TensorSpec
     from iskander.backends.python_worker import PythonBackend
-    from iskander.config.settings import ModelSettings
+    from iskander.config.settings import ModelSettings, PythonOptions
 
     (d / "echo.py").write_text(ECHO)
     return PythonBackend(
-        ModelSettings(name="echo", path=d / "echo.py", backend="python", worker_timeout_s=worker_timeout_s),
+        ModelSettings(name="echo", path=d / "echo.py", backend="python",
+                      options=PythonOptions(worker_timeout_s=worker_timeout_s)),
         (TensorSpec("x", pa.float32(), (None,), "float32"),), (TensorSpec("score", pa.float32(), (None,), "float32"),),
     )
 
