@@ -197,6 +197,30 @@ def test_stream_answers_in_order_and_survives_a_bad_request(client, models_dir):
         np.testing.assert_array_equal(result.as_numpy("score"), ref)
 
 
+def test_stream_empty_final_response_marks_every_answer_final(client, models_dir):
+    """tritonclient's enable_empty_final_response: clients wait for triton_final_response; each
+    request here has one response, which carries it (an error response too)."""
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        inputs, feeds = tabular_inputs(3)
+        client.async_stream_infer("tabular", inputs, request_id="ok", enable_empty_final_response=True)
+        bad = triton.InferInput("features", [2, 5], "FP32")
+        bad.set_data_from_numpy(np.ones((2, 5), np.float32))
+        client.async_stream_infer("tabular", [bad], request_id="bad", enable_empty_final_response=True)
+        client.async_stream_infer("tabular", inputs, request_id="plain")
+        got = [results.get(timeout=20) for _ in range(3)]
+    finally:
+        client.stop_stream()
+    (ok, ok_error), (bad_result, bad_error), (plain, _) = got
+    assert ok_error is None and ok.get_response().id == "ok"
+    assert ok.get_response().parameters["triton_final_response"].bool_param is True
+    np.testing.assert_array_equal(ok.as_numpy("score"),
+                                  reference(models_dir / "tabular.onnx", feeds)["probability"])
+    assert bad_result is None and "unexpected shape for input 'features'" in bad_error.message()
+    assert "triton_final_response" not in plain.get_response().parameters  # only when asked for
+
+
 # --- datatypes ---------------------------------------------------------------------------------------
 
 
@@ -333,6 +357,20 @@ def test_load_accepts_only_configured_models(repo_server):
     assert str(info.value.status()) == "StatusCode.INVALID_ARGUMENT"
     assert c.is_model_ready("tabular")
     c.close()
+
+
+def test_kserve_numbering_of_the_repository_model_name(repo_server):
+    """KServe's open_inference_grpc.proto numbers RepositoryModelLoad/Unload's model_name 1
+    (Triton: repository_name = 1, model_name = 2): a bare field 1 names the model."""
+    channel = grpc.insecure_channel(repo_server.grpc_url)
+    kserve_request = b"\x0a\x07tabular"  # field 1 (string) = "tabular", as KServe's stub sends it
+    for method in ("RepositoryModelUnload", "RepositoryModelLoad"):
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        assert call(kserve_request, timeout=30) == b""
+        c = triton.InferenceServerClient(repo_server.grpc_url)
+        assert c.is_model_ready("tabular") is (method == "RepositoryModelLoad")
+        c.close()
+    channel.close()
 
 
 def test_flight_repository_actions(repo_server):

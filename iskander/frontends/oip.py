@@ -295,6 +295,7 @@ class OipServicer:
         try:
             request = _parse(pb.ModelInferRequest, raw, "ModelStreamInfer")
             response = self.infer(request, ctx)
+            _mark_final(request, response)
             return pb.ModelStreamInferResponse(infer_response=response).SerializeToString()
         except StreamLimitExceeded:
             raise
@@ -309,6 +310,7 @@ class OipServicer:
         if request is not None:  # Triton echoes these so a client can match the error to its request
             echo = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                          id=request.id)
+            _mark_final(request, echo)
         return pb.ModelStreamInferResponse(error_message=message, infer_response=echo).SerializeToString()
 
     # --- Triton extensions: configuration, statistics, repository ------------------------------
@@ -328,19 +330,35 @@ class OipServicer:
         )
 
     def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
+        name = _repository_model(request)
         overrides = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
         if overrides:
             raise InvalidInput(
-                f"load of model '{clip(request.model_name)}' carries '{clip(overrides[0])}'; Iskander loads only "
+                f"load of model '{clip(name)}' carries '{clip(overrides[0])}'; Iskander loads only "
                 "models from its configuration and accepts no config or file overrides from clients",
-                model=clip(request.model_name),
+                model=clip(name),
             )
-        self.control.load(request.model_name)
+        self.control.load(name)
         return pb.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
-        self.control.unload(request.model_name)
+        self.control.unload(_repository_model(request))
         return pb.RepositoryModelUnloadResponse()
+
+
+def _repository_model(request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest) -> str:
+    """The model a load/unload names. Triton numbers ``model_name`` 2 (``repository_name`` is 1);
+    KServe's Open Inference Protocol numbers ``model_name`` 1, which arrives here as
+    ``repository_name``. Iskander has one repository, so a request with only field 1 set names a model."""
+    return request.model_name or request.repository_name
+
+
+def _mark_final(request: pb.ModelInferRequest, response: pb.ModelInferResponse) -> None:
+    """Triton's ``triton_enable_empty_final_response``: each request's last (here: only) response carries
+    ``triton_final_response = true``, so clients waiting for the end of a request stop waiting."""
+    flag = request.parameters.get("triton_enable_empty_final_response")
+    if flag is not None and flag.bool_param:
+        response.parameters["triton_final_response"].bool_param = True
 
 
 def _parse(message_type: type, raw: bytes, method: str) -> Any:
