@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from iskander.arrow.layouts import Converter, converter
 from iskander.arrow.tensor import NullValues, first_null_row, read_filled
 from iskander.arrow.types import STRING_TYPES, element_type, is_fixed_shape_tensor, row_shape, type_name
 from iskander.contract.bindings import InputBinding, Part
@@ -53,8 +54,12 @@ def types_compatible(got: pa.DataType, expected: pa.DataType) -> bool:
     return got == expected
 
 
-# Where a schema's columns go: (input indices, passthrough indices, per-input cast target or None)
-_Binding = tuple[tuple[int, ...], tuple[int, ...], tuple["pa.DataType | None", ...]]
+# How a column becomes the contract's type: None (it is), a declared cast_from target, or a lossless
+# layout conversion (arrow/layouts.py)
+_Fix = pa.DataType | Converter | None
+# Where a schema's columns go: (input indices, passthrough indices, per-input fix, per-passthrough
+# layout conversion: a passthrough column is answered in the contract's type too)
+_Binding = tuple[tuple[int, ...], tuple[int, ...], tuple[_Fix, ...], tuple[Converter | None, ...]]
 
 
 class RequestReader:
@@ -107,7 +112,7 @@ class RequestReader:
                 model=self.model, column=dupe,
             )
         indices = []
-        casts: list[pa.DataType | None] = []
+        casts: list[_Fix] = []
         for field in self.schema:
             i = schema.get_field_index(field.name)
             if i < 0:
@@ -122,6 +127,8 @@ class RequestReader:
                 casts.append(None)
             elif any(types_compatible(got, src) for src in sources):
                 casts.append(field.type)
+            elif (convert := converter(got, field.type)) is not None:
+                casts.append(convert)
             else:
                 accepted = [type_name(field.type), *(type_name(t) for t in sources)]
                 raise InvalidInput(
@@ -131,7 +138,8 @@ class RequestReader:
                 )
             indices.append(i)
         k = len(self.passthrough)
-        bound = (tuple(indices[k:]), tuple(indices[:k]), tuple(casts[k:]))
+        pass_fixes = tuple(c if callable(c) else None for c in casts[:k])
+        bound = (tuple(indices[k:]), tuple(indices[:k]), tuple(casts[k:]), pass_fixes)
         if len(self._bindings) < 16:  # bounded: a client cycling schemas cannot grow memory
             self._bindings = [*self._bindings, (schema, bound)]  # copy-on-write: no lock for readers
         return bound
@@ -173,7 +181,7 @@ class RequestReader:
         )
 
     def prepare(self, batch: pa.RecordBatch) -> Prepared:
-        input_idx, pass_idx, casts = self._bind(batch.schema)
+        input_idx, pass_idx, casts, pass_fixes = self._bind(batch.schema)
         n = batch.num_rows
         feeds: dict[str, np.ndarray] = {}
         pieces: dict[str, list[Any]] = {t: [None] * slots for t, slots in self._concat.items()} if self._concat else {}
@@ -181,8 +189,10 @@ class RequestReader:
             column = batch.column(i)
             if binding.fixed_rows is not None and n != binding.fixed_rows:
                 raise self._wrong_rows(binding, n)
-            if target is not None:
+            if isinstance(target, pa.DataType):
                 column = self._cast(binding, column, target)
+            elif target is not None:
+                column = target(column, self.model, binding.column)
             children = None
             if binding.parts[0].field is not None:  # struct: null structs make their fields null
                 children = column.flatten() if column.null_count else [column.field(j) for j in
@@ -196,7 +206,8 @@ class RequestReader:
                     pieces[part.tensor][part.slot] = tensor
         for name, parts in pieces.items():
             feeds[name] = np.concatenate(parts, axis=1)  # parts are [N, w] each; one copy
-        passthrough = {f.name: batch.column(i) for f, i in zip(self.passthrough, pass_idx)}
+        passthrough = {f.name: batch.column(i) if fix is None else fix(batch.column(i), self.model, f.name)
+                       for f, i, fix in zip(self.passthrough, pass_idx, pass_fixes)}
         keys = {}
         for name in self._key_names:  # usually none
             keys[name] = passthrough[name] if name in passthrough else batch.column(batch.schema.get_field_index(name))
