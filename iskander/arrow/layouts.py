@@ -74,18 +74,36 @@ def _cast_to(target: pa.DataType) -> Converter:
 def _to_fixed_size(target: pa.FixedSizeListType) -> Converter:
     k = target.list_size
 
+    def wrong_size(model: str, name: str, row: int, got: int) -> InvalidInput:
+        return InvalidInput(
+            f"column '{name}' of model '{model}' is a list whose rows must each hold {k} values "
+            f"(the model expects fixed_size_list<{target.value_type}>[{k}]); row {row} holds {got}",
+            model=model, column=name, row=row, expected=k, got=got,
+        )
+
     def convert(column: pa.Array, model: str, name: str) -> pa.Array:
+        n = len(column)
+        view = pa.types.is_list_view(column.type) or pa.types.is_large_list_view(column.type)
+        if column.null_count == 0:
+            # the common case, in numpy: sizes from the offsets, and when the rows lie back to back
+            # the answer is a zero-copy view of the values
+            starts = np.asarray(column.offsets, dtype=np.int64)
+            sizes = np.asarray(column.sizes, dtype=np.int64) if view else np.diff(starts)
+            starts = starts[:n]
+            bad = sizes != k
+            if bad.any():
+                row = int(np.argmax(bad))
+                raise wrong_size(model, name, row, int(sizes[row]))
+            if n == 0 or (starts == starts[0] + k * np.arange(n)).all():
+                first = int(starts[0]) if n else 0
+                return pa.FixedSizeListArray.from_arrays(column.values.slice(first, n * k), k)
+            return _gather_view(column, target)
         lengths = pc.list_value_length(column)  # null for a null row (the contract's null rule applies)
         wrong = pc.and_kleene(pc.is_valid(lengths), pc.not_equal(lengths, k))
         if pc.any(wrong).as_py():
             row = pc.index(wrong, True).as_py()
-            raise InvalidInput(
-                f"column '{name}' of model '{model}' is a list whose rows must each hold {k} values "
-                f"(the model expects fixed_size_list<{target.value_type}>[{k}]); row {row} holds "
-                f"{lengths[row].as_py()}",
-                model=model, column=name, row=row, expected=k, got=lengths[row].as_py(),
-            )
-        if pa.types.is_list_view(column.type) or pa.types.is_large_list_view(column.type):
+            raise wrong_size(model, name, row, lengths[row].as_py())
+        if view:
             return _gather_view(column, target)
         return _cast_to(target)(column, model, name)
 
