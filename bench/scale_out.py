@@ -132,7 +132,8 @@ def bench_ray(args, model, data: Path, out: Path, server_uri: str, config: Path,
 
                 def job() -> None:
                     shutil.rmtree(out, ignore_errors=True)
-                    ds = ray.data.read_parquet(str(data))
+                    # one block per file: Ray would read a small dataset as one block, fed to one actor
+                    ds = ray.data.read_parquet(str(data), override_num_blocks=args.files)
                     predict(ds, model, concurrency=workers, batch_size=args.batch_rows, **kwargs) \
                         .write_parquet(str(out))
 
