@@ -75,6 +75,21 @@ def read_events(root: Path) -> ray.data.Dataset:
     return ray.data.read_parquet(str(root))
 
 
+def test_a_missing_column_is_refused_before_anything_runs(cluster, server, events):
+    root, _ = events
+    ds = ray.data.read_parquet(str(root)).select_columns(["entity_id", "features"])
+    with pytest.raises(Exception, match="column 'category' of model 'tabular' is missing"):
+        predict(ds, "tabular", server=server.flight_uri)
+
+
+def test_exactly_one_of_server_or_config(cluster, server, config):
+    ds = ray.data.from_arrow(tabular_table(3, seed=0, prefix="x"))
+    with pytest.raises(ValueError, match="exactly one of server="):
+        predict(ds, "tabular")
+    with pytest.raises(ValueError, match="exactly one of server="):
+        predict(ds, "tabular", server=server.flight_uri, config=config)
+
+
 def test_remote_partitioned_parquet_every_prediction_matches_onnxruntime(cluster, server, events, models_dir):
     root, expected = events
     scored = predict(read_events(root), "tabular", server=server.flight_uri, batch_size=2_000)
@@ -141,21 +156,6 @@ def test_bad_column_type_names_model_and_column(cluster, server, config, where):
     text = str(info.value)
     assert "[INVALID_ARGUMENT] column 'features' of model 'tabular' has type fixed_size_list<float64>[4], " \
            "model expects fixed_size_list<float32>[4]" in text, text
-
-
-def test_a_missing_column_is_refused_before_anything_runs(cluster, server, events):
-    root, _ = events
-    ds = ray.data.read_parquet(str(root)).select_columns(["entity_id", "features"])
-    with pytest.raises(Exception, match="column 'category' of model 'tabular' is missing"):
-        predict(ds, "tabular", server=server.flight_uri)
-
-
-def test_exactly_one_of_server_or_config(cluster, server, config):
-    ds = ray.data.from_arrow(tabular_table(3, seed=0, prefix="x"))
-    with pytest.raises(ValueError, match="exactly one of server="):
-        predict(ds, "tabular")
-    with pytest.raises(ValueError, match="exactly one of server="):
-        predict(ds, "tabular", server=server.flight_uri, config=config)
 
 
 def test_replicas_one_killed_mid_run_results_complete_and_correct(cluster, models_dir, tmp_path):
