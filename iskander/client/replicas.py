@@ -49,6 +49,7 @@ class _Replica:
         self.location = location
         self._kwargs = client_kwargs
         self._client: IskanderClient | None = None
+        self._client_lock = threading.Lock()
         self.outstanding = 0
         self.failed_at = float("-inf")  # monotonic time of the last retryable failure
         # idle open streams by (model, version, schema): a stream carries one schema
@@ -56,21 +57,21 @@ class _Replica:
 
     @property
     def client(self) -> IskanderClient:
-        if self._client is None:
-            self._client = IskanderClient(self.location, **self._kwargs)
-        return self._client
+        with self._client_lock:  # one connection per replica, however many threads ask at once
+            if self._client is None:
+                self._client = IskanderClient(self.location, **self._kwargs)
+            return self._client
 
     def drop_exchanges(self) -> list[Exchange]:
         spent = [e for pool in self.exchanges.values() for e in pool]
         self.exchanges = {}
         return spent
 
-    def close(self) -> None:
-        for exchange in self.drop_exchanges():
-            exchange.close()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+    def close_client(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
 
 class Replicas:
@@ -208,9 +209,11 @@ class Replicas:
     def close(self) -> None:
         """Close every stream and connection (the object can be used again: it reconnects)."""
         with self._lock:
-            replicas = list(self._replicas)
-        for replica in replicas:
-            replica.close()
+            spent = [e for replica in self._replicas for e in replica.drop_exchanges()]
+        for exchange in spent:
+            exchange.close()
+        for replica in self._replicas:
+            replica.close_client()
 
     def __enter__(self) -> Replicas:
         return self
