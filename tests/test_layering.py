@@ -170,6 +170,41 @@ def test_config_imports_only_errors_and_text():
     assert bad == []
 
 
+def test_the_client_imports_only_itself():
+    """iskander.client runs on machines that serve nothing (docs/architecture.md)."""
+    bad = [f"{m} imports {i}" for m in MODULES if _under(m, ("iskander.client",))
+           for i in MODULES[m] if _under(i, ("iskander",)) and not _under(i, ("iskander.client",))]
+    assert bad == []
+
+
+INTEGRATIONS_MAY_IMPORT = ("iskander.client", "iskander.embedded", "iskander.integrations")
+# Each engine's package is imported by its own module only (and only when its function runs).
+ENGINE_PACKAGES = {"iskander.integrations.ray": "ray", "iskander.integrations.spark": "pyspark"}
+
+
+def test_integrations_stand_apart_like_the_client():
+    """Ray and Spark integrations reach a model through the client (server=) or the embedded
+    engine (config=), never through the core; nothing in the server imports them."""
+    integrations = {m for m in MODULES if _under(m, ("iskander.integrations",))}
+    assert integrations >= {"iskander.integrations", "iskander.integrations.ray", "iskander.integrations.spark"}
+    bad = [f"{m} imports {i}" for m in integrations for i in MODULES[m]
+           if _under(i, ("iskander",)) and not _under(i, INTEGRATIONS_MAY_IMPORT)]
+    assert bad == []
+    assert _violations(set(MODULES) - integrations, ("iskander.integrations",)) == []
+
+
+def test_ray_and_pyspark_only_in_their_integration_modules():
+    for module, package in ENGINE_PACKAGES.items():
+        assert _violations(set(MODULES) - {module}, (package,)) == [], package
+
+
+def test_the_embedded_engine_is_the_server_without_its_protocols():
+    """iskander.embedded wires the core like server.py but opens no port: no gRPC, no Flight."""
+    assert _violations({"iskander.embedded"}, PROTOCOLS) == []
+    assert _violations(set(MODULES) - {"iskander.embedded"} - {m for m in MODULES if _under(
+        m, ("iskander.integrations",))}, ("iskander.embedded",)) == []
+
+
 @pytest.mark.parametrize(("source", "module", "expected"), [
     ("import onnxruntime as ort", "iskander.contract.compile", "onnxruntime"),
     ("from . import model", "iskander.core", "iskander.core.model"),

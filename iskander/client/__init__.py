@@ -9,8 +9,10 @@ from iskander.client.errors import (
     Unauthenticated, Unavailable, Unimplemented, translate,
 )
 from iskander.client.flight_client import Exchange, IskanderClient, ModelInfo, connect
+from iskander.client.replicas import Replicas  # noqa: E402  (after the names it imports from this package)
 
 __all__ = [
+    "Replicas",
     "IskanderClient", "ModelInfo", "Exchange", "connect", "attach_outputs", "conform", "translate",
     "IskanderClientError", "InvalidArgument", "NotFound", "Unavailable", "ResourceExhausted",
     "Unauthenticated", "DeadlineExceeded", "Unimplemented", "InternalError", "Cancelled",
