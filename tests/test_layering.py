@@ -36,6 +36,7 @@ APART = {
     "iskander.client": ("iskander.client",),
     "iskander.scoring": ("iskander.scoring", "iskander.client"),
     "iskander.demo": ("iskander.demo",),
+    "iskander.integrations": ("iskander.integrations", "iskander.client", "iskander.embedded"),
     "iskander.__main__": ("iskander.cli", "iskander.scoring"),  # `python -m iskander [score]` dispatch
 }
 PROTOCOLS = ("grpc", "grpc_health", "pyarrow.flight", "iskander.frontends", "iskander._proto")
